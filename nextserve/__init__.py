@@ -1,0 +1,1 @@
+"""nextserve: inference and serving for Qwen3-Next."""

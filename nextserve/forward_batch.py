@@ -1,0 +1,85 @@
+"""ForwardBatch: the per-step metadata that every layer reads, built once per step by the runner.
+
+A step is one flat varlen batch: the new tokens of B sequences laid end to end (T tokens in all, no padding).
+Sequence b owns tokens cu_seqlens[b]:cu_seqlens[b+1]; `cached_lens[b]` tokens of it are already in the caches
+(KV pages and recurrent state), so its new tokens sit at positions cached_lens[b] .. cached_lens[b]+query_lens[b]-1.
+
+Legend: T tokens in the step, B sequences, P pages per sequence (page-table width).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    positions: torch.Tensor  # [T] int64, absolute position of each token
+    cu_seqlens: torch.Tensor  # [B+1] int32, token offsets of each sequence in the step
+    cached_lens_t: torch.Tensor  # [B] int32, tokens already cached per sequence
+    state_slots: torch.Tensor  # [B] int64, recurrent-state slot of each sequence
+    page_table: torch.Tensor  # [B, P] int32, KV pages of each sequence in order
+    slot_mapping: torch.Tensor  # [T] int64, flat KV index (page * page_size + offset) each new token writes
+    logits_indices: torch.Tensor  # [R] int64, rows of the step whose logits are wanted
+    page_size: int
+    # Host copies, so that CPU reference ops can loop without device syncs.
+    query_lens: list[int]
+    cached_lens: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence brings exactly one new token (the shape the recurrent kernels and CUDA graphs want)."""
+        return all(n == 1 for n in self.query_lens)
+
+    @property
+    def context_lens(self) -> list[int]:
+        return [c + q for c, q in zip(self.cached_lens, self.query_lens)]
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        cached_lens: list[int],
+        state_slots: list[int],
+        page_tables: list[list[int]],
+        page_size: int,
+        logits_indices: list[int] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> ForwardBatch:
+        """Builds the tensors from host lists (the runner's job; also handy in tests).
+
+        By default logits are taken at the last token of every sequence.
+        """
+        assert len(query_lens) == len(cached_lens) == len(state_slots) == len(page_tables)
+        positions, slot_mapping, cu = [], [], [0]
+        for q, c, pages in zip(query_lens, cached_lens, page_tables):
+            for p in range(c, c + q):
+                positions.append(p)
+                slot_mapping.append(pages[p // page_size] * page_size + p % page_size)
+            cu.append(cu[-1] + q)
+        if logits_indices is None:
+            logits_indices = [e - 1 for e in cu[1:]]
+        width = max((len(p) for p in page_tables), default=0)
+        table = [p + [0] * (width - len(p)) for p in page_tables]
+
+        def t(x, dtype):
+            return torch.tensor(x, dtype=dtype, device=device)
+
+        return cls(
+            positions=t(positions, torch.int64),
+            cu_seqlens=t(cu, torch.int32),
+            cached_lens_t=t(cached_lens, torch.int32),
+            state_slots=t(state_slots, torch.int64),
+            page_table=t(table, torch.int32).reshape(len(page_tables), width),
+            slot_mapping=t(slot_mapping, torch.int64),
+            logits_indices=t(logits_indices, torch.int64),
+            page_size=page_size,
+            query_lens=list(query_lens),
+            cached_lens=list(cached_lens),
+        )

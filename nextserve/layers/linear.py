@@ -1,0 +1,84 @@
+"""Bias-free linear layers that know how to take their tensor-parallel shard of a checkpoint tensor.
+
+A `Linear` holds only its local shard. `shard_fn` maps the full checkpoint tensor to that shard (identity at
+TP=1); the loader calls `load_full(tensor)`. Column-parallel layers split output rows, row-parallel ones split
+input columns and all-reduce their output through the communicator when `reduce` is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nextserve.parallel import Communicator, ParallelContext
+
+ShardFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def split_parts(ctx: ParallelContext, dim: int, parts: Sequence[int] | None = None) -> ShardFn:
+    """Shard along `dim`: the tensor is cut into `parts` (sizes along dim; one part if None) and this rank takes
+    its 1/size of each part, concatenated (for fused layouts such as conv channels [q | k | v])."""
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        if ctx.size == 1:
+            return t
+        pieces = t.split(list(parts), dim) if parts else (t,)
+        out = []
+        for p in pieces:
+            if p.shape[dim] % ctx.size:
+                raise ValueError(f"cannot split size {p.shape[dim]} across {ctx.size} ranks")
+            out.append(p.chunk(ctx.size, dim)[ctx.rank])
+        return torch.cat(out, dim)
+
+    return fn
+
+
+def replicated(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def load_param(param: nn.Parameter, full: torch.Tensor, name: str) -> None:
+    """Copies the rank's shard of `full` into `param`, checking the shape (errors name the tensor)."""
+    shard_fn: ShardFn = getattr(param, "shard_fn", replicated)
+    local = shard_fn(full)
+    if local.shape != param.shape:
+        raise ValueError(
+            f"tensor {name!r} has shape {tuple(full.shape)}; the model expects {tuple(param.shape)}"
+            + ("" if local is full else " for this rank's shard")
+        )
+    param.data.copy_(local)
+
+
+class Linear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        shard_fn: ShardFn = replicated,
+        comm: Communicator | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.weight.shard_fn = shard_fn
+        # Set only on row-parallel layers whose output is a partial sum.
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        return self.comm.all_reduce(y) if self.comm is not None else y
+
+
+def column_parallel(ctx: ParallelContext, in_f: int, out_f: int, parts=None, dtype=None) -> Linear:
+    """Output rows split across ranks. `out_f` is the full size."""
+    return Linear(in_f, ctx.split(out_f, "output features"), shard_fn=split_parts(ctx, 0, parts), dtype=dtype)
+
+
+def row_parallel(ctx: ParallelContext, comm: Communicator | None, in_f: int, out_f: int, dtype=None) -> Linear:
+    """Input columns split across ranks; the output is all-reduced through `comm` (None: caller reduces)."""
+    reduce = comm if (comm is not None and ctx.size > 1) else None
+    return Linear(ctx.split(in_f, "input features"), out_f, shard_fn=split_parts(ctx, 1), comm=reduce, dtype=dtype)

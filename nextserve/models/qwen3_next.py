@@ -1,0 +1,286 @@
+"""Qwen3-Next (spec/qwen3-next.md), written to read like the spec.
+
+The model runs on one flat varlen batch per step (see ForwardBatch): hidden states are [T, H] with the tokens of
+every sequence end to end. Layers read and write their caches in place: each full-attention layer owns views of
+its KV pages (`k_cache`, `v_cache`), each Gated DeltaNet layer its slot-pool views (`conv_state`, `ssm_state`);
+the engine binds them once, before the first step (`bind_caches`).
+
+Legend: T tokens in the step, H hidden size, Hq/Hkv attention heads, D head dim, Hk/Hv linear key/value heads,
+dk/dv their head dims, r = Hv/Hk, E experts, I expert intermediate size. Sizes named *_local are per TP rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nextserve.forward_batch import ForwardBatch
+from nextserve.layers.linear import Linear, column_parallel, replicated, row_parallel, split_parts
+from nextserve.layers.rotary import RotaryEmbedding, apply_rotary
+from nextserve.model_config import ModelConfig
+from nextserve.ops.attention import paged_attention
+from nextserve.ops.conv1d import causal_conv1d
+from nextserve.ops.gdn import gated_delta_rule
+from nextserve.ops.moe import fused_experts, route
+from nextserve.ops.norm import gated_rms_norm, rms_norm
+from nextserve.parallel import Communicator, ParallelContext
+
+
+def _param(*shape: int, dtype: torch.dtype, shard_fn=replicated) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+    p.shard_fn = shard_fn
+    return p
+
+
+class Qwen3NextRMSNorm(nn.Module):
+    """Zero-centred RMSNorm: gain (1 + weight)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.weight = _param(dim, dtype=dtype)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Qwen3NextAttention(nn.Module):
+    """Gated full attention: q/gate split per head, q/k norm, partial RoPE, GQA over paged KV, sigmoid gate."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, comm: Communicator, dtype: torch.dtype):
+        super().__init__()
+        D = self.head_dim = cfg.head_dim
+        self.num_heads = ctx.split(cfg.num_attention_heads, "num_attention_heads")
+        kv = cfg.num_key_value_heads
+        # With more ranks than KV heads each rank keeps the one KV head its query heads read.
+        self.num_kv_heads = max(1, kv // ctx.size)
+        kv_shard = split_parts(ctx, 0) if ctx.size <= kv else _kv_head_of_rank(ctx, kv, D)
+        # q_proj rows are [query(D) | gate(D)] per head, so a contiguous row split keeps heads whole.
+        self.q_proj = column_parallel(ctx, cfg.hidden_size, cfg.num_attention_heads * D * 2, dtype=dtype)
+        self.k_proj = Linear(cfg.hidden_size, self.num_kv_heads * D, shard_fn=kv_shard, dtype=dtype)
+        self.v_proj = Linear(cfg.hidden_size, self.num_kv_heads * D, shard_fn=kv_shard, dtype=dtype)
+        self.o_proj = row_parallel(ctx, comm, cfg.num_attention_heads * D, cfg.hidden_size, dtype=dtype)
+        self.q_norm = Qwen3NextRMSNorm(D, cfg.rms_norm_eps, dtype)
+        self.k_norm = Qwen3NextRMSNorm(D, cfg.rms_norm_eps, dtype)
+        self.scale = D**-0.5
+        self.k_cache: torch.Tensor | None = None  # [pages, page_size, Hkv, D], bound by the engine
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        T, D = x.shape[0], self.head_dim
+        q, gate = self.q_proj(x).view(T, self.num_heads, 2 * D).split(D, dim=-1)  # [T, Hq, D] each
+        q = apply_rotary(self.q_norm(q), cos, sin)
+        k = apply_rotary(self.k_norm(self.k_proj(x).view(T, self.num_kv_heads, D)), cos, sin)
+        v = self.v_proj(x).view(T, self.num_kv_heads, D)
+        o = paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale)  # [T, Hq, D]
+        o = o.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
+        return self.o_proj(o)
+
+
+def _kv_head_of_rank(ctx: ParallelContext, kv_heads: int, head_dim: int):
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        h = ctx.rank * kv_heads // ctx.size
+        return t[h * head_dim : (h + 1) * head_dim]
+
+    return fn
+
+
+class Qwen3NextGatedDeltaNet(nn.Module):
+    """Gated DeltaNet linear attention (spec section 7): interleaved qkvz/ba projections, short causal conv,
+    gates, the delta rule over the slot's recurrent state, gated RMSNorm, output projection."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, comm: Communicator, dtype: torch.dtype):
+        super().__init__()
+        self.hk = ctx.split(cfg.linear_num_key_heads, "linear_num_key_heads")
+        self.hv = ctx.split(cfg.linear_num_value_heads, "linear_num_value_heads")
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.r = self.hv // self.hk
+        self.eps = cfg.rms_norm_eps
+        H, kd, vd = cfg.hidden_size, cfg.linear_key_dim, cfg.linear_value_dim
+        # Rows are grouped by key head ([q|k|v|z] and [b|a] per group), so contiguous row splits keep groups whole.
+        self.in_proj_qkvz = column_parallel(ctx, H, 2 * kd + 2 * vd, dtype=dtype)
+        self.in_proj_ba = column_parallel(ctx, H, 2 * cfg.linear_num_value_heads, dtype=dtype)
+        conv = nn.Module()
+        # Conv channels are de-interleaved [q (kd) | k (kd) | v (vd)]: each part is split separately.
+        conv.weight = _param(
+            ctx.split(cfg.linear_conv_dim, "conv channels"), 1, cfg.linear_conv_kernel_dim,
+            dtype=dtype, shard_fn=split_parts(ctx, 0, [kd, kd, vd]),
+        )
+        self.conv1d = conv
+        self.A_log = _param(self.hv, dtype=dtype, shard_fn=split_parts(ctx, 0))
+        self.dt_bias = _param(self.hv, dtype=dtype, shard_fn=split_parts(ctx, 0))
+        norm = nn.Module()
+        norm.weight = _param(self.dv, dtype=dtype)
+        self.norm = norm
+        self.out_proj = row_parallel(ctx, comm, vd, H, dtype=dtype)
+        self.conv_state: torch.Tensor | None = None  # [slots, conv_dim_local, K-1], bound by the engine
+        self.ssm_state: torch.Tensor | None = None  # [slots, Hv, dk, dv]
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        T, hk, hv, dk, dv, r = x.shape[0], self.hk, self.hv, self.dk, self.dv, self.r
+        qkvz = self.in_proj_qkvz(x).view(T, hk, 2 * dk + 2 * r * dv)
+        q, k, v, z = qkvz.split([dk, dk, r * dv, r * dv], dim=-1)
+        b, a = self.in_proj_ba(x).view(T, hk, 2 * r).split([r, r], dim=-1)
+        z = z.reshape(T, hv, dv)
+        b, a = b.reshape(T, hv), a.reshape(T, hv)
+        # Conv runs over channels in [q | k | v] order, key-head-major then value-head-major: [T, conv_dim].
+        mixed = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)
+        mixed = causal_conv1d(mixed, self.conv1d.weight[:, 0, :], self.conv_state, batch)
+        q, k, v = mixed.split([hk * dk, hk * dk, hv * dv], dim=-1)
+        q, k, v = q.view(T, hk, dk), k.view(T, hk, dk), v.view(T, hv, dv)
+        beta = torch.sigmoid(b)
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # log decay <= 0, fp32
+        o = gated_delta_rule(q, k, v, g, beta, self.ssm_state, batch)  # [T, Hv, dv]
+        o = gated_rms_norm(o, z, self.norm.weight, self.eps)
+        return self.out_proj(o.reshape(T, hv * dv))
+
+
+class Qwen3NextMLP(nn.Module):
+    """SwiGLU MLP (the shared expert, and dense layers listed in mlp_only_layers)."""
+
+    def __init__(self, H: int, inter: int, ctx: ParallelContext, comm: Communicator | None, dtype: torch.dtype):
+        super().__init__()
+        self.gate_proj = column_parallel(ctx, H, inter, dtype=dtype)
+        self.up_proj = column_parallel(ctx, H, inter, dtype=dtype)
+        self.down_proj = row_parallel(ctx, comm, inter, H, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3NextExperts(nn.Module):
+    """All routed experts, packed: gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj [E, H, I]."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype):
+        super().__init__()
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        i_local = ctx.split(I, "moe_intermediate_size")
+        self.gate_up_proj = _param(E, 2 * i_local, H, dtype=dtype, shard_fn=split_parts(ctx, 1, [I, I]))
+        self.down_proj = _param(E, H, i_local, dtype=dtype, shard_fn=split_parts(ctx, 2))
+
+
+class Qwen3NextSparseMoeBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, comm: Communicator, dtype: torch.dtype):
+        super().__init__()
+        self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts, dtype=dtype)  # router, replicated
+        self.experts = Qwen3NextExperts(cfg, ctx, dtype)
+        self.shared_expert = Qwen3NextMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, ctx, None, dtype)
+        self.shared_expert_gate = Linear(cfg.hidden_size, 1, dtype=dtype)
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        routed = fused_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights.to(x.dtype), ids)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        # Both halves are partial sums under TP: one all-reduce for the block.
+        return self.comm.all_reduce(routed + shared)
+
+
+class Qwen3NextDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str, moe: bool, ctx, comm, dtype: torch.dtype):
+        super().__init__()
+        self.layer_type = layer_type
+        if layer_type == "full_attention":
+            self.self_attn = Qwen3NextAttention(cfg, ctx, comm, dtype)
+        else:
+            self.linear_attn = Qwen3NextGatedDeltaNet(cfg, ctx, comm, dtype)
+        if moe:
+            self.mlp = Qwen3NextSparseMoeBlock(cfg, ctx, comm, dtype)
+        else:
+            self.mlp = Qwen3NextMLP(cfg.hidden_size, cfg.intermediate_size, ctx, comm, dtype)
+        self.input_layernorm = Qwen3NextRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = Qwen3NextRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, h: torch.Tensor, cos, sin, batch: ForwardBatch) -> torch.Tensor:
+        x = self.input_layernorm(h)
+        if self.layer_type == "full_attention":
+            h = h + self.self_attn(x, cos, sin, batch)
+        else:
+            h = h + self.linear_attn(x, batch)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3NextModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx, comm, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            Qwen3NextDecoderLayer(cfg, t, cfg.is_moe_layer(i), ctx, comm, dtype) for i, t in enumerate(cfg.layer_types)
+        )
+        self.norm = Qwen3NextRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.rotary_emb = RotaryEmbedding(cfg.rope)
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """[T] ids -> [T, H] final normed hidden states (what feeds lm_head and the MTP head)."""
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.cos_sin(batch.positions, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, batch)
+        return self.norm(h)
+
+
+class Qwen3NextMTP(nn.Module):
+    """Multi-token prediction head (spec section 10): predicts token t+2 from the target's normed hidden state at
+    t and the embedding of token t+1, through one full-attention + MoE layer with its own KV cache."""
+
+    def __init__(self, cfg: ModelConfig, ctx, comm, dtype: torch.dtype):
+        super().__init__()
+        H = cfg.hidden_size
+        self.fc = Linear(2 * H, H, dtype=dtype)
+        self.pre_fc_norm_embedding = Qwen3NextRMSNorm(H, cfg.rms_norm_eps, dtype)
+        self.pre_fc_norm_hidden = Qwen3NextRMSNorm(H, cfg.rms_norm_eps, dtype)
+        self.layers = nn.ModuleList([Qwen3NextDecoderLayer(cfg, "full_attention", True, ctx, comm, dtype)])
+        self.norm = Qwen3NextRMSNorm(H, cfg.rms_norm_eps, dtype)
+
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos, sin, batch: ForwardBatch) -> torch.Tensor:
+        """embeds: embedding of token t+1 [T, H]; hidden: target's normed hidden at t [T, H] -> normed [T, H]."""
+        u = self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
+        return self.norm(self.layers[0](u, cos, sin, batch))
+
+
+class Qwen3NextForCausalLM(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        ctx: ParallelContext | None = None,
+        comm: Communicator | None = None,
+        with_mtp: bool | None = None,
+    ):
+        super().__init__()
+        ctx = ctx or ParallelContext()
+        comm = comm or Communicator(ctx)
+        self.config, self.dtype = cfg, dtype
+        self.model = Qwen3NextModel(cfg, ctx, comm, dtype)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if with_mtp is None:
+            with_mtp = cfg.num_nextn_predict_layers > 0
+        self.mtp = Qwen3NextMTP(cfg, ctx, comm, dtype) if with_mtp else None
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.model(input_ids, batch)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def mtp_forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """One draft step: input_ids are tokens t+1 (shifted), hidden the normed states at t, positions t."""
+        cos, sin = self.model.rotary_emb.cos_sin(batch.positions, hidden.dtype)
+        return self.mtp(self.model.embed_tokens(input_ids), hidden, cos, sin, batch)
+
+    # ---- caches ----------------------------------------------------------------------------------------------
+    def attention_layers(self) -> list[Qwen3NextAttention]:
+        """Full-attention layers in KV-pool order: the main model's, then the MTP layer's."""
+        layers = [layer.self_attn for layer in self.model.layers if layer.layer_type == "full_attention"]
+        if self.mtp is not None:
+            layers.append(self.mtp.layers[0].self_attn)
+        return layers
+
+    def linear_attention_layers(self) -> list[Qwen3NextGatedDeltaNet]:
+        return [layer.linear_attn for layer in self.model.layers if layer.layer_type == "linear_attention"]
