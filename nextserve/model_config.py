@@ -19,11 +19,35 @@ logger = logging.getLogger(__name__)
 
 # Keys that config.json may carry and that inference does not need.
 _IGNORED_KEYS = {
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
-    "router_aux_loss_coef", "output_router_logits", "use_sliding_window", "sliding_window", "max_window_layers",
-    "attention_dropout", "pad_token_id", "_name_or_path", "output_attentions", "output_hidden_states",
-    "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "tie_encoder_decoder", "id2label", "label2id",
-    "problem_type", "tokenizer_class", "prefix", "task_specific_params", "bad_words_ids", "num_labels",
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "initializer_range",
+    "router_aux_loss_coef",
+    "output_router_logits",
+    "use_sliding_window",
+    "sliding_window",
+    "max_window_layers",
+    "attention_dropout",
+    "pad_token_id",
+    "_name_or_path",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "tie_encoder_decoder",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "tokenizer_class",
+    "prefix",
+    "task_specific_params",
+    "bad_words_ids",
+    "num_labels",
 }
 
 
@@ -204,30 +228,54 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(msg)
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                     "head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
-                     "linear_value_head_dim", "linear_conv_kernel_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "linear_num_key_heads",
+            "linear_num_value_heads",
+            "linear_key_head_dim",
+            "linear_value_head_dim",
+            "linear_conv_kernel_dim",
+            "max_position_embeddings",
+        ):
             v = getattr(self, name)
             need(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
-        need(len(self.layer_types) == self.num_hidden_layers,
-             f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        need(
+            len(self.layer_types) == self.num_hidden_layers,
+            f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers",
+        )
         bad = set(self.layer_types) - {"full_attention", "linear_attention"}
         need(not bad, f"unknown layer types {sorted(bad)}")
-        need(self.num_attention_heads % self.num_key_value_heads == 0,
-             "num_attention_heads must be a multiple of num_key_value_heads")
-        need(self.linear_num_value_heads % self.linear_num_key_heads == 0,
-             "linear_num_value_heads must be a multiple of linear_num_key_heads")
+        need(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_attention_heads must be a multiple of num_key_value_heads",
+        )
+        need(
+            self.linear_num_value_heads % self.linear_num_key_heads == 0,
+            "linear_num_value_heads must be a multiple of linear_num_key_heads",
+        )
         need(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (only silu)")
         need(not self.attention_bias, "attention_bias=true is not supported by Qwen3-Next")
         need(0 < self.partial_rotary_factor <= 1, "partial_rotary_factor must be in (0, 1]")
-        need(self.rope.rotary_dim % 2 == 0 and self.rope.rotary_dim > 0, "rotary dimension must be even and > 0")
+        need(
+            self.rope.rotary_dim % 2 == 0 and self.rope.rotary_dim > 0,
+            "rotary dimension must be even and > 0",
+        )
         need(self.rms_norm_eps > 0, "rms_norm_eps must be > 0")
         need(self.decoder_sparse_step >= 1, "decoder_sparse_step must be >= 1")
-        need(all(0 <= i < self.num_hidden_layers for i in self.mlp_only_layers),
-             f"mlp_only_layers {list(self.mlp_only_layers)} out of range")
+        need(
+            all(0 <= i < self.num_hidden_layers for i in self.mlp_only_layers),
+            f"mlp_only_layers {list(self.mlp_only_layers)} out of range",
+        )
         if self.num_experts > 0:
-            need(0 < self.num_experts_per_tok <= self.num_experts,
-                 f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
+            need(
+                0 < self.num_experts_per_tok <= self.num_experts,
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]",
+            )
         need(self.num_nextn_predict_layers in (0, 1), "only num_nextn_predict_layers 0 or 1 is supported")
         if self.rope.yarn_factor is not None:
             need(self.rope.yarn_factor >= 1.0, "yarn factor must be >= 1")

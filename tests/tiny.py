@@ -56,7 +56,110 @@ def hf_model(cfg: dict, seed: int = 0):
             elif name.endswith("dt_bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             elif "norm" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if name.endswith("linear_attn.norm.weight") else 0.0))
+                p.copy_(
+                    torch.randn(p.shape, generator=g) * 0.1
+                    + (1.0 if name.endswith("linear_attn.norm.weight") else 0.0)
+                )
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.08)
     return model
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+def builtin_dir():
+    from nextserve.assets import DEFAULT_MODEL_DIR
+
+    return DEFAULT_MODEL_DIR
+
+
+def engine_config(**overrides) -> dict:
+    """A tiny config whose vocabulary fits the built-in tokenizer, so engine tests can use text."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(builtin_dir() / "tokenizer.json"))
+    vocab = -(-tok.get_vocab_size() // 64) * 64
+    d = tiny_config(
+        vocab_size=vocab,
+        bos_token_id=tok.token_to_id("<|endoftext|>"),
+        eos_token_id=tok.token_to_id("<|im_end|>"),
+    )
+    d.update(overrides)
+    return d
+
+
+def per_expert(state: dict) -> dict:
+    """transformers keeps experts fused ([E, 2I, H] / [E, H, I]); real checkpoints store one tensor per expert."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            inter = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"] = t[e, :inter].clone()
+                out[f"{prefix}{e}.up_proj.weight"] = t[e, inter:].clone()
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = t[e].clone()
+        else:
+            out[name] = t
+    return out
+
+
+def mtp_tensors(state: dict, cfg: dict, seed: int = 1) -> dict:
+    """Synthetic mtp.* weights: layer 0 copied from the last full-attention layer, fc and norms random."""
+    g = torch.Generator().manual_seed(seed)
+    H = cfg["hidden_size"]
+    src = max(
+        i for i in range(cfg["num_hidden_layers"]) if (i + 1) % cfg.get("full_attention_interval", 4) == 0
+    )
+    out = {
+        "mtp.fc.weight": torch.randn(H, 2 * H, generator=g) * 0.08,
+        "mtp.pre_fc_norm_embedding.weight": torch.randn(H, generator=g) * 0.1,
+        "mtp.pre_fc_norm_hidden.weight": torch.randn(H, generator=g) * 0.1,
+        "mtp.norm.weight": torch.randn(H, generator=g) * 0.1,
+    }
+    for name, t in state.items():
+        if name.startswith(f"model.layers.{src}."):
+            out["mtp.layers.0." + name[len(f"model.layers.{src}.") :]] = t.clone()
+    return out
+
+
+def write_tiny_checkpoint(
+    path,
+    cfg: dict,
+    *,
+    seed: int = 0,
+    mtp: bool = False,
+    tokenizer: bool = True,
+    max_shard_bytes=None,
+    generation_config: dict | None = None,
+):
+    """Writes a random tiny model as a Hugging Face checkpoint (per-expert tensors) and returns the HF model."""
+    import json
+    import shutil
+
+    from nextserve.loader import write_checkpoint
+
+    ref = hf_model(cfg, seed)
+    state = per_expert({k: v.detach().clone() for k, v in ref.state_dict().items()})
+    config = dict(cfg, model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"])
+    if mtp:
+        state.update(mtp_tensors(state, cfg))
+        config["num_nextn_predict_layers"] = 1
+    write_checkpoint(path, state, config, max_shard_bytes=max_shard_bytes)
+    if tokenizer:
+        for f in TOKENIZER_FILES:
+            src = builtin_dir() / f
+            if src.exists():
+                shutil.copy(src, path / f)
+    if generation_config is not None:
+        (path / "generation_config.json").write_text(json.dumps(generation_config))
+    return ref

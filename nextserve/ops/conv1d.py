@@ -26,7 +26,9 @@ def causal_conv1d(
         slot = int(batch.state_slots[b])
         # [C, K-1+n]: the saved window, then this step's inputs.
         u = torch.cat([conv_states[slot].to(x.dtype), x[start : start + n].t()], dim=1)
-        y = F.conv1d(u.unsqueeze(0).to(weight.dtype), weight.unsqueeze(1), groups=weight.shape[0])[0]  # [C, n]
+        y = F.conv1d(u.unsqueeze(0).to(weight.dtype), weight.unsqueeze(1), groups=weight.shape[0])[
+            0
+        ]  # [C, n]
         out[start : start + n] = F.silu(y).t().to(x.dtype)
         conv_states[slot] = u[:, -k1:].to(conv_states.dtype)
         start += n

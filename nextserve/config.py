@@ -1,0 +1,154 @@
+"""EngineConfig: every engine flag, in one frozen dataclass, validated at the edge.
+
+The CLI adds one `--flag-name` per field (`add_cli_args`), and `LLM(**kwargs)` takes the same names in snake_case.
+Flag names and meanings follow SGLang where they exist (`--mem-fraction-static`, `--max-mamba-cache-size`,
+`--mamba-full-memory-ratio`, `--context-length`, `--max-running-requests`) and vLLM otherwise
+(`--max-num-batched-tokens`). "auto"/None values are resolved once, when the engine starts, and logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = field(
+        default=None, metadata={"help": "model directory (default: the built-in tiny model)"}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "weights/activations dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16",
+            "choices": _DTYPES,
+        },
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
+    seed: int = field(default=0, metadata={"help": "global seed for unseeded sampling"})
+    json_model_override_args: str | None = field(
+        default=None,
+        metadata={"help": "JSON object of config.json overrides, e.g. '{\"rope_scaling\": {...}}'"},
+    )
+    context_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "max prompt + output tokens per request (default: the model's max_position_embeddings)"
+        },
+    )
+    page_size: int = field(default=16, metadata={"help": "tokens per KV page"})
+    max_num_batched_tokens: int = field(default=4096, metadata={"help": "token budget of one engine step"})
+    max_running_requests: int | None = field(
+        default=None, metadata={"help": "max sequences in one step (default: the state slots, at most 256)"}
+    )
+    mem_fraction_static: float = field(
+        default=0.85, metadata={"help": "GPU: fraction of total memory for weights and caches"}
+    )
+    cpu_cache_bytes: int = field(
+        default=1 << 30, metadata={"help": "CPU: bytes for KV pages and state slots"}
+    )
+    max_mamba_cache_size: int | None = field(
+        default=None, metadata={"help": "fix the number of recurrent-state slots (otherwise from the ratio)"}
+    )
+    mamba_full_memory_ratio: float = field(
+        default=0.9, metadata={"help": "state-slot memory / KV-page memory"}
+    )
+    mamba_ssm_dtype: str = field(
+        default="float32", metadata={"help": "recurrent state dtype", "choices": ("float32", "bfloat16")}
+    )
+    num_kv_pages: int | None = field(
+        default=None, metadata={"help": "fix the number of KV pages (tests, debugging)"}
+    )
+    disable_tqdm: bool = field(default=False, metadata={"help": "no progress bars"})
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(msg)
+
+        need(self.page_size >= 1, "--page-size must be >= 1")
+        need(self.max_num_batched_tokens >= 1, "--max-num-batched-tokens must be >= 1")
+        need(
+            self.max_running_requests is None or self.max_running_requests >= 1,
+            "--max-running-requests must be >= 1",
+        )
+        need(0.0 < self.mem_fraction_static <= 1.0, "--mem-fraction-static must be in (0, 1]")
+        need(self.cpu_cache_bytes > 0, "--cpu-cache-bytes must be > 0")
+        need(
+            self.max_mamba_cache_size is None or self.max_mamba_cache_size >= 1,
+            "--max-mamba-cache-size must be >= 1",
+        )
+        need(self.mamba_full_memory_ratio > 0, "--mamba-full-memory-ratio must be > 0")
+        need(self.num_kv_pages is None or self.num_kv_pages >= 1, "--num-kv-pages must be >= 1")
+        need(self.context_length is None or self.context_length >= 2, "--context-length must be >= 2")
+        need(self.dtype in _DTYPES, f"--dtype must be one of {_DTYPES}")
+        need(self.mamba_ssm_dtype in ("float32", "bfloat16"), "--mamba-ssm-dtype must be float32 or bfloat16")
+        need(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"--device {self.device!r}: expected auto, cpu or cuda[:N]",
+        )
+        if self.json_model_override_args is not None:
+            self.model_overrides()  # validates the JSON
+
+    def model_overrides(self) -> dict[str, Any]:
+        if not self.json_model_override_args:
+            return {}
+        try:
+            d = json.loads(self.json_model_override_args)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--json-model-override-args is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError("--json-model-override-args must be a JSON object")
+        return d
+
+    def with_updates(self, **kw) -> EngineConfig:
+        return replace(self, **kw)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        unknown = set(kwargs) - cls.field_names()
+        if unknown:
+            raise TypeError(f"unknown engine arguments {sorted(unknown)}")
+        return cls(**kwargs)
+
+    # ---- CLI -----------------------------------------------------------------------------------------------
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+        group = parser.add_argument_group("engine")
+        for f in fields(cls):
+            if f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            help_ = f.metadata.get("help", "")
+            default = None if f.default is MISSING else f.default
+            if f.type in ("bool", bool):
+                group.add_argument(flag, action="store_true", default=default, help=help_)
+                continue
+            typ = {"int": int, "float": float}.get(_base_type(f.type), str)
+            group.add_argument(
+                flag,
+                type=typ,
+                default=default,
+                help=f"{help_} (default: {default})",
+                choices=f.metadata.get("choices"),
+            )
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def _base_type(t: Any) -> str:
+    s = str(t)
+    for name in ("int", "float", "str"):
+        if s.startswith(name):
+            return name
+    return "str"

@@ -1,0 +1,18 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Qwen3-Next checkpoint (fp32 weights, built-in tokenizer), shared by the engine tests."""
+    from tiny import engine_config, write_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    write_tiny_checkpoint(path, engine_config())
+    return path

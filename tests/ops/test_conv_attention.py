@@ -1,0 +1,46 @@
+"""Varlen causal conv1d with slot windows, and paged attention, against direct computations."""
+
+import torch
+import torch.nn.functional as F
+
+from nextserve.forward_batch import ForwardBatch
+from nextserve.ops.attention import paged_attention
+from nextserve.ops.conv1d import causal_conv1d
+
+
+def test_conv_split_into_steps_equals_one_pass():
+    C, K, T = 6, 4, 11
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(T, C, generator=g), torch.randn(C, K, generator=g)
+    ref = F.silu(F.conv1d(F.pad(x.t()[None], (K - 1, 0)), w[:, None], groups=C))[0].t()
+    states = torch.zeros(3, C, K - 1)
+    out = [causal_conv1d(x[:5], w, states, ForwardBatch.build([5], [0], [2], [[1]], 16))]
+    for t in range(5, T):  # decode path, one token at a time
+        out.append(causal_conv1d(x[t : t + 1], w, states, ForwardBatch.build([1], [t], [2], [[1]], 16)))
+    assert torch.allclose(torch.cat(out), ref, atol=1e-6)
+    assert torch.allclose(states[2], x[-3:].t())
+
+
+def test_paged_attention_with_cached_prefix_matches_dense():
+    Hq, Hkv, D, L, ps = 4, 2, 8, 13, 4
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (
+        torch.randn(L, Hq, D, generator=g),
+        torch.randn(L, Hkv, D, generator=g),
+        torch.randn(L, Hkv, D, generator=g),
+    )
+    kc, vc = torch.zeros(10, ps, Hkv, D), torch.zeros(10, ps, Hkv, D)
+    pages = [7, 2, 9, 4]  # scattered pages
+    # prefix of 9 tokens first, then 4 more with the prefix cached
+    paged_attention(q[:9], k[:9], v[:9], kc, vc, ForwardBatch.build([9], [0], [1], [pages], ps), D**-0.5)
+    out = paged_attention(
+        q[9:], k[9:], v[9:], kc, vc, ForwardBatch.build([4], [9], [1], [pages], ps), D**-0.5
+    )
+    mask = torch.ones(L, L, dtype=torch.bool).tril()
+    ref = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.repeat_interleave(2, 1).transpose(0, 1),
+        v.repeat_interleave(2, 1).transpose(0, 1),
+        attn_mask=mask,
+    )
+    assert torch.allclose(out, ref.transpose(0, 1)[9:], atol=1e-5)
