@@ -1,1 +1,19 @@
-"""nextserve: inference and serving for Qwen3-Next."""
+"""nextserve: a small, correct and fast inference and serving engine for Qwen3-Next.
+
+Public surface: `LLM` and `SamplingParams` for offline use; `nextserve` / `python -m nextserve` for the CLI.
+"""
+
+from nextserve.outputs import CompletionOutput, RequestOutput
+from nextserve.sampling_params import SamplingParams
+
+
+def __getattr__(name: str):
+    # LLM pulls in torch and transformers; import it lazily so `import nextserve` stays cheap for the CLI tools.
+    if name == "LLM":
+        from nextserve.llm import LLM
+
+        return LLM
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]

@@ -1,0 +1,5 @@
+import sys
+
+from nextserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""AsyncEngine: the engine on its own thread, with an asyncio streaming interface for the server.
+
+The engine loop thread owns the Engine: it applies queued commands (add, abort) between steps, runs steps while
+there is work, and hands each RequestOutput to the asyncio loop of the request's consumer. The HTTP side never
+blocks the loop and never touches the engine directly; request validation (pure) runs on the caller's side so
+that a bad request fails before it is queued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from nextserve.config import EngineConfig
+from nextserve.engine.engine import Engine
+from nextserve.outputs import RequestOutput
+from nextserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._consumers: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="nextserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> AsyncEngine:
+        return cls(Engine(EngineConfig.from_cli_args(args)))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def generation_defaults(self) -> dict:
+        return self.engine.generation_defaults
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        self.engine.validate_request(prompt_token_ids, params)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self._consumers[request_id] = (loop, q)
+        self._commands.put(("add", request_id, prompt_token_ids, params))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    break
+        finally:
+            self._consumers.pop(request_id, None)
+            if not finished:
+                # The consumer went away (client disconnect, cancellation): free the request's cache.
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    async def shutdown(self) -> None:
+        self._stop = True
+        self._commands.put(("stop",))
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+
+    # ---- the engine thread ---------------------------------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        consumer = self._consumers.get(request_id)
+        if consumer is not None:
+            loop, q = consumer
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _apply(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, rid, ids, params = cmd
+            try:
+                self.engine.add_request(rid, ids, params)
+            except ValueError as e:
+                self._deliver(rid, e)
+        elif kind == "abort":
+            self.engine.abort(cmd[1])
+
+    def _run(self) -> None:
+        while not self._stop:
+            # Block only when idle; otherwise drain whatever arrived during the last step.
+            try:
+                cmd = self._commands.get(timeout=None if not self.engine.has_unfinished() else 0)
+                self._apply(cmd)
+                while True:
+                    self._apply(self._commands.get_nowait())
+            except queue.Empty:
+                pass
+            if self._stop or not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug: fail every request rather than hang them
+                logger.exception("engine step failed; aborting all requests")
+                for rid in list(self.engine.requests):
+                    self.engine.abort(rid)
+                    self._deliver(rid, RuntimeError(f"engine failure: {e}"))
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)

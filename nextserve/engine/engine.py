@@ -1,0 +1,273 @@
+"""Engine: continuous batching over the hybrid cache, one `step()` at a time.
+
+`add_request` validates and queues a request (n sequences); `step()` schedules, runs the model once over the
+flat batch, samples, applies stop conditions, frees the caches of finished sequences and returns the outputs of
+the requests that progressed. Not thread-safe: AsyncEngine drives it from one thread, LLM from the caller's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import torch
+
+from nextserve.config import EngineConfig
+from nextserve.engine.detokenizer import IncrementalDetokenizer
+from nextserve.engine.kv_pool import KVPool
+from nextserve.engine.memory import Capacity, cache_budget_bytes, plan_capacity
+from nextserve.engine.request import Request, Sequence
+from nextserve.engine.runner import ModelRunner
+from nextserve.engine.sampler import SamplingRow, build_sampling_batch, sample
+from nextserve.engine.scheduler import ScheduledSeq, Scheduler
+from nextserve.engine.state_pool import StatePool
+from nextserve.loader.model_loader import load_generation_defaults, load_model, load_tokenizer
+from nextserve.model_config import ModelConfig
+from nextserve.outputs import RequestOutput, TokenLogprob
+from nextserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, **kwargs):
+        cfg = self.config = config or EngineConfig.from_kwargs(**kwargs)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        model_dir = Path(cfg.model) if cfg.model else _default_model_dir()
+        self.model_dir = model_dir
+        self.model_config = ModelConfig.from_pretrained(model_dir, cfg.model_overrides())
+        self.tokenizer = load_tokenizer(model_dir)
+        self.generation_defaults = load_generation_defaults(model_dir)
+        torch.manual_seed(cfg.seed)
+        self.model = load_model(
+            model_dir, self.model_config, dtype=self.dtype, device=self.device, progress=not cfg.disable_tqdm
+        )
+        self.capacity = self._plan_capacity()
+        logger.info("nextserve capacity: %s", self.capacity.describe())
+        attn = self.model.attention_layers()
+        gdn = self.model.linear_attention_layers()
+        self.kv_pool = KVPool(
+            len(attn),
+            self.capacity.num_pages,
+            cfg.page_size,
+            attn[0].num_kv_heads,
+            attn[0].head_dim,
+            self.dtype,
+            self.device,
+        )
+        self.state_pool = StatePool(
+            len(gdn),
+            self.capacity.num_slots,
+            gdn[0].conv1d.weight.shape[0],
+            self.model_config.linear_conv_kernel_dim,
+            gdn[0].hv,
+            gdn[0].dk,
+            gdn[0].dv,
+            self.dtype,
+            getattr(torch, cfg.mamba_ssm_dtype),
+            self.device,
+        )
+        self.runner = ModelRunner(self.model, self.kv_pool, self.state_pool, self.device)
+        self.scheduler = Scheduler(
+            self.kv_pool, self.state_pool, cfg.max_num_batched_tokens, self.capacity.max_running
+        )
+        eos = self.generation_defaults.get("eos_token_id", [])
+        self.eos_ids = set(self.model_config.eos_token_ids) | set(eos if isinstance(eos, list) else [eos])
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.capacity.context_length
+
+    def _plan_capacity(self) -> Capacity:
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        budget = cache_budget_bytes(self.config, self.device, weight_bytes)
+        attn = self.model.attention_layers()
+        gdn = self.model.linear_attention_layers()
+        return plan_capacity(
+            self.model_config,
+            self.config,
+            budget,
+            self.dtype,
+            attn[0].num_kv_heads,
+            gdn[0].conv1d.weight.shape[0],
+            gdn[0].hv,
+            len(attn),
+        )
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Raises ValueError for a request that can never run; returns its effective max_tokens."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        limit = self.max_model_len
+        if n >= limit:
+            raise ValueError(f"the prompt has {n} tokens; this model's context length is {limit}")
+        if params.max_tokens is not None and n + params.max_tokens > limit:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context length {limit}"
+            )
+        return params.max_tokens if params.max_tokens is not None else limit - n
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        ids = (
+            self.tokenizer.encode(prompt, add_special_tokens=False)
+            if isinstance(prompt, str)
+            else list(prompt)
+        )
+        max_tokens = self.validate_request(ids, params)
+        resolved = params.resolved(self.generation_defaults)
+        req = Request(request_id, ids, resolved, max_tokens)
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            detok = IncrementalDetokenizer(
+                self.tokenizer,
+                ids,
+                skip_special_tokens=resolved.skip_special_tokens,
+                stop=resolved.stop,
+                include_stop_str_in_output=resolved.include_stop_str_in_output,
+            )
+            seq = Sequence(next(self._seq_ids), req, i, list(ids), len(ids), gen, detok)
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.prompt_tokens_total += len(ids)
+        return req
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+        return req.output()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        sampling = [s for s in scheduled if s.samples]
+        logits = self.runner.execute(scheduled)
+        for s in scheduled:
+            s.seq.num_cached += s.num_tokens
+        touched: dict[str, Request] = {}
+        if sampling:
+            self._sample_and_append(sampling, logits, touched)
+        outputs = []
+        for rid, req in touched.items():
+            outputs.append(req.output())
+            if req.finished:
+                self.requests.pop(rid, None)
+        return outputs
+
+    def _sample_and_append(self, sampling: list[ScheduledSeq], logits: torch.Tensor, touched: dict) -> None:
+        rows = []
+        for s in sampling:
+            seq = s.seq
+            p = seq.params
+            masked = ()
+            if len(seq.output_ids) < p.min_tokens:
+                masked = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_ids))
+            rows.append(
+                SamplingRow(p, seq.token_ids[: seq.num_prompt], seq.output_ids, seq.generator, masked)
+            )
+        out = sample(logits, build_sampling_batch(rows, logits.shape[-1], self.device))
+        tokens = out.token_ids.tolist()
+        lps = out.logprobs.tolist() if out.logprobs is not None else None
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        for i, s in enumerate(sampling):
+            seq = s.seq
+            if seq.params.logprobs is not None:
+                k = seq.params.logprobs
+                top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids is not None else []
+                seq.logprobs = (seq.logprobs or []) + [TokenLogprob(tokens[i], lps[i], top)]
+            self._append_token(seq, tokens[i])
+            touched[seq.request.request_id] = seq.request
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        seq.token_ids.append(token)
+        self.generation_tokens_total += 1
+        if token in p.stop_token_ids:
+            self._finish(seq, "stop", token)
+        elif token in self.eos_ids and not p.ignore_eos:
+            self._finish(seq, "stop", None)
+        else:
+            delta, stop_hit = seq.detok.step([token])
+            seq.text += delta
+            if stop_hit is not None:
+                self._finish(seq, "stop", stop_hit)
+        if seq.finish_reason is None and (
+            len(seq.output_ids) >= seq.request.max_tokens or len(seq.token_ids) >= self.max_model_len
+        ):
+            self._finish(seq, "length", None)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if not seq.detok.finished:
+            # Text held back (a possible stop-string start, an incomplete character) is final now.
+            seq.text += seq.detok.step([], finished=True)[0]
+        self.scheduler.finish(seq)
+
+    # ---- introspection -------------------------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_pages_used": self.kv_pool.num_used,
+            "kv_pages_total": self.kv_pool.num_pages,
+            "state_slots_used": self.state_pool.num_used,
+            "state_slots_total": self.state_pool.num_slots,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+            "prefix_cache_queried_tokens": 0,
+            "prefix_cache_hit_tokens": 0,
+        }
+
+
+def _default_model_dir() -> Path:
+    from nextserve.assets import DEFAULT_MODEL_DIR
+
+    return Path(DEFAULT_MODEL_DIR)
+

@@ -1,0 +1,61 @@
+"""KVPool: fixed-size pages of K and V for every full-attention layer (the MTP layer's included).
+
+Region table of `k` / `v` ([layers, pages + 1, page_size, Hkv, D]):
+  page 0          dummy page: padded slots of CUDA-graph batches write here; never handed out
+  pages 1..N      handed out by `allocate`, returned by `free`
+A page belongs to exactly one owner at a time (a running sequence now; the prefix tree later).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        shape = (num_layers, num_pages + 1, page_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self._free: list[int] = list(range(num_pages, 0, -1))  # pop() hands out low pages first
+
+    @staticmethod
+    def bytes_per_page(
+        num_layers: int, page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return 2 * num_layers * page_size * kv_heads * head_dim * dtype.itemsize
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"KV pool exhausted: asked {n} pages, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+    def free_pages(self) -> list[int]:
+        return list(self._free)

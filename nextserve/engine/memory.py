@@ -1,0 +1,106 @@
+"""Capacity planning: how many state slots and KV pages fit the memory budget (SGLang's semantics).
+
+Budget: on a GPU, `mem_fraction_static` x total memory minus what the weights already take; on a CPU,
+`cpu_cache_bytes`. The budget is split between state slots and KV pages so that state / KV =
+`mamba_full_memory_ratio`, unless `max_mamba_cache_size` fixes the slot count (then KV gets the rest). More slots
+than `max_running_requests` would never be used, so the slot count is capped there and the rest goes to KV.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from nextserve.config import EngineConfig
+from nextserve.engine.kv_pool import KVPool
+from nextserve.engine.state_pool import StatePool
+from nextserve.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_RUNNING = 256
+
+
+@dataclass(frozen=True)
+class Capacity:
+    num_slots: int
+    num_pages: int
+    page_size: int
+    max_running: int
+    context_length: int
+    slot_bytes: int
+    page_bytes: int
+
+    @property
+    def max_cached_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    def describe(self) -> str:
+        return (
+            f"state slots {self.num_slots} ({self.slot_bytes / 2**20:.2f} MiB each), "
+            f"KV pages {self.num_pages} x {self.page_size} tokens ({self.page_bytes / 2**10:.1f} KiB each), "
+            f"max tokens in cache {self.max_cached_tokens}, max running requests {self.max_running}, "
+            f"context length {self.context_length}"
+        )
+
+
+def cache_budget_bytes(cfg: EngineConfig, device: torch.device, weight_bytes: int) -> int:
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(total * cfg.mem_fraction_static) - weight_bytes
+        if budget <= 0:
+            raise ValueError(
+                f"the weights take {weight_bytes / 2**30:.1f} GiB, more than --mem-fraction-static "
+                f"{cfg.mem_fraction_static} of {total / 2**30:.1f} GiB leaves for caches"
+            )
+        return min(budget, free)
+    return cfg.cpu_cache_bytes
+
+
+def plan_capacity(
+    mc: ModelConfig,
+    cfg: EngineConfig,
+    budget: int,
+    dtype: torch.dtype,
+    kv_heads: int,
+    conv_dim: int,
+    hv: int,
+    num_attention_layers: int,
+) -> Capacity:
+    ssm_dtype = getattr(torch, cfg.mamba_ssm_dtype)
+    slot_bytes = StatePool.bytes_per_slot(
+        len(mc.linear_attention_layers),
+        conv_dim,
+        mc.linear_conv_kernel_dim,
+        hv,
+        mc.linear_key_head_dim,
+        mc.linear_value_head_dim,
+        dtype,
+        ssm_dtype,
+    )
+    page_bytes = KVPool.bytes_per_page(num_attention_layers, cfg.page_size, kv_heads, mc.head_dim, dtype)
+    if cfg.max_mamba_cache_size is not None:
+        slots = cfg.max_mamba_cache_size
+    else:
+        r = cfg.mamba_full_memory_ratio
+        slots = int(budget * r / (1 + r)) // max(slot_bytes, 1)
+    max_running = cfg.max_running_requests or min(max(slots, 1), DEFAULT_MAX_RUNNING)
+    slots = max(1, min(slots, max_running))
+    if cfg.num_kv_pages is not None:
+        pages = cfg.num_kv_pages
+    else:
+        pages = (budget - slots * slot_bytes) // page_bytes
+    if pages < 1:
+        raise ValueError(
+            f"the cache budget ({budget / 2**20:.1f} MiB) holds no KV page after {slots} state slots of "
+            f"{slot_bytes / 2**20:.2f} MiB; raise the budget or lower --max-mamba-cache-size"
+        )
+    context = cfg.context_length or mc.max_position_embeddings
+    if context > pages * cfg.page_size:
+        logger.warning(
+            "context length %d exceeds the KV pool (%d tokens): capping it", context, pages * cfg.page_size
+        )
+        context = pages * cfg.page_size
+    return Capacity(slots, int(pages), cfg.page_size, max_running, context, slot_bytes, page_bytes)

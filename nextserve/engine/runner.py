@@ -1,0 +1,60 @@
+"""ModelRunner: owns the model and the cache pools on one device, and runs one scheduled step.
+
+It turns the scheduler's decision into the step's flat input ids and ForwardBatch, runs the model, and returns
+the logits of the sequences that sample this step (in scheduled order). It knows nothing about requests,
+sampling or text.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nextserve.engine.kv_pool import KVPool
+from nextserve.engine.scheduler import ScheduledSeq
+from nextserve.engine.state_pool import StatePool
+from nextserve.forward_batch import ForwardBatch
+from nextserve.models.qwen3_next import Qwen3NextForCausalLM
+
+
+class ModelRunner:
+    def __init__(
+        self, model: Qwen3NextForCausalLM, kv_pool: KVPool, state_pool: StatePool, device: torch.device
+    ):
+        self.model = model
+        self.kv = kv_pool
+        self.states = state_pool
+        self.device = device
+        self.bind_caches()
+
+    def bind_caches(self) -> None:
+        """Gives every layer its views of the pools, once: layer i of a kind gets index i of that pool."""
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache, attn.v_cache = self.kv.k[i], self.kv.v[i]
+        for i, gdn in enumerate(self.model.linear_attention_layers()):
+            gdn.conv_state, gdn.ssm_state = self.states.conv[i], self.states.ssm[i]
+
+    def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, ForwardBatch]:
+        ids: list[int] = []
+        logits_rows: list[int] = []
+        for s in scheduled:
+            seq = s.seq
+            ids += seq.token_ids[seq.num_cached : seq.num_cached + s.num_tokens]
+            if s.samples:
+                logits_rows.append(len(ids) - 1)
+        batch = ForwardBatch.build(
+            query_lens=[s.num_tokens for s in scheduled],
+            cached_lens=[s.seq.num_cached for s in scheduled],
+            state_slots=[s.seq.slot for s in scheduled],
+            page_tables=[s.seq.pages for s in scheduled],
+            page_size=self.kv.page_size,
+            logits_indices=logits_rows,
+            device=self.device,
+        )
+        return torch.tensor(ids, dtype=torch.int64, device=self.device), batch
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """Runs the step; returns fp32 logits [R, V] for the sequences that sample, in scheduled order."""
+        input_ids, batch = self.prepare(scheduled)
+        hidden = self.model(input_ids, batch)
+        return self.model.compute_logits(hidden[batch.logits_indices]).float()

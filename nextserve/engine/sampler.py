@@ -1,0 +1,246 @@
+"""Batched token sampling: penalties, min_tokens masking, temperature, top-k, top-p, min-p, then a draw.
+
+Contract: `build_sampling_batch(rows, vocab_size, device)` turns per-row data (resolved SamplingParams, an
+optional torch.Generator, the token history, the ids to forbid this step) into tensors once per step;
+`sample(logits, batch)` then runs on CPU or CUDA without reading anything back to the host, and returns the
+chosen ids plus, when some row asked for them, log-probabilities of the RAW logits (before penalties and
+temperature, as vLLM does). `process_logits` exposes the final distribution for speculative decoding.
+
+Order of operations per row (vLLM's): repetition, frequency and presence penalties -> -inf on the forbidden
+ids -> divide by temperature -> keep the top_k largest -> keep the smallest most-probable set of mass >= top_p
+-> drop tokens with p < min_p * p_max -> draw. Greedy rows (temperature 0 or top_k 1) take the argmax of the
+penalised logits. Filters act as value thresholds in vocabulary order, so tokens tied with a cut-off are kept.
+
+A draw is the exponential race argmax_i(p_i / q_i), q_i ~ Exp(1), in log space: argmax(logit_i - log q_i).
+The noise is indexed by vocabulary id and a seeded row draws it from its own generator, so a given seed gives
+the same tokens whatever else is in the batch and wherever the row sits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nextserve.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one sequence for one step."""
+
+    params: SamplingParams  # resolved (SamplingParams.resolved)
+    prompt_ids: Sequence[int] = ()  # read only for the repetition penalty
+    output_ids: Sequence[int] = ()  # read for all three penalties
+    generator: torch.Generator | None = None  # set for seeded requests; lives as long as the request
+    # Ids to forbid this step, e.g. EOS and stop_token_ids while fewer than min_tokens have been generated.
+    masked_ids: Sequence[int] = ()
+
+
+@dataclass
+class SamplingBatch:
+    """Per-step sampling tensors (B rows, V vocab). A None field means that no row needs that step."""
+
+    temperature: torch.Tensor  # [B] f32; 1.0 on greedy rows so that dividing is harmless
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    seeded: list[tuple[int, torch.Generator]]  # (row, generator) for rows that draw their own noise
+    num_logprobs: int | None  # K = max requested top logprobs; None: no row asked for logprobs
+    top_k: torch.Tensor | None = None  # [B] long; V on rows without top-k
+    max_top_k: int = 0  # largest enabled top_k
+    top_p: torch.Tensor | None = None  # [B, 1] f32
+    top_p_without_top_k: bool = False  # some row needs top-p over the whole vocabulary
+    log_min_p: torch.Tensor | None = None  # [B, 1] f32; log(min_p), -inf where min_p is 0
+    repetition_penalty: torch.Tensor | None = None  # [B, 1] f32
+    seen: torch.Tensor | None = None  # [B, V] bool: token occurs in the prompt or the output
+    frequency_penalty: torch.Tensor | None = None  # [B, 1] f32
+    presence_penalty: torch.Tensor | None = None  # [B, 1] f32
+    output_counts: torch.Tensor | None = None  # [B, V] f32: occurrences in the output
+    masked_rows: torch.Tensor | None = None  # [M] long } the M (row, id) pairs set to -inf
+    masked_cols: torch.Tensor | None = None  # [M] long }
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] long
+    logprobs: torch.Tensor | None  # [B] f32: logprob of the sampled token
+    top_ids: torch.Tensor | None  # [B, K] long, best first; None when K is 0
+    top_logprobs: torch.Tensor | None  # [B, K] f32
+
+
+def build_sampling_batch(
+    rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str
+) -> SamplingBatch:
+    """Gather per-row data into tensors on `device`; penalty tensors only when some row uses them."""
+    if not rows:
+        raise ValueError("cannot build a sampling batch with no rows")
+    device = torch.device(device)
+    params = [r.params for r in rows]
+    for p in params:
+        if not p.is_resolved:
+            raise ValueError("SamplingParams must be resolved (SamplingParams.resolved) before sampling")
+    for r in rows:
+        if r.generator is not None and r.generator.device.type != device.type:
+            raise ValueError(f"a row's generator is on {r.generator.device}, the batch on {device}")
+
+    def column(values: list[float]) -> torch.Tensor:
+        return _to_device(torch.tensor(values, dtype=torch.float32), device)
+
+    greedy = [p.greedy for p in params]
+    batch = SamplingBatch(
+        temperature=column([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
+        greedy=_to_device(torch.tensor(greedy), device),
+        all_greedy=all(greedy),
+        seeded=[
+            (i, r.generator)
+            for i, (r, g) in enumerate(zip(rows, greedy))
+            if r.generator is not None and not g
+        ],
+        num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),
+    )
+
+    # Filters are skipped on greedy rows: they cannot change the argmax.
+    top_k = [p.top_k if p.top_k > 0 and not g else vocab_size for p, g in zip(params, greedy)]
+    if min(top_k) < vocab_size:
+        batch.top_k = _to_device(torch.tensor(top_k), device)
+        batch.max_top_k = max(k for k in top_k if k < vocab_size)
+    top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
+    if min(top_p) < 1.0:
+        batch.top_p = column(top_p)[:, None]
+        batch.top_p_without_top_k = any(p < 1.0 and k >= vocab_size for p, k in zip(top_p, top_k))
+    min_p = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
+    if max(min_p) > 0.0:
+        batch.log_min_p = column([math.log(m) if m > 0 else -math.inf for m in min_p])[:, None]
+
+    # Histories are only scattered for rows whose penalty is not neutral, to keep host work small.
+    if any(p.repetition_penalty != 1.0 for p in params):
+        batch.repetition_penalty = column([p.repetition_penalty for p in params])[:, None]
+        history = [[*r.prompt_ids, *r.output_ids] if r.params.repetition_penalty != 1.0 else [] for r in rows]
+        batch.seen = _token_counts(history, vocab_size, device) > 0
+    if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
+        batch.frequency_penalty = column([p.frequency_penalty for p in params])[:, None]
+        batch.presence_penalty = column([p.presence_penalty for p in params])[:, None]
+        history = [
+            r.output_ids if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0 else []
+            for r in rows
+        ]
+        batch.output_counts = _token_counts(history, vocab_size, device)
+
+    pairs = [(i, t) for i, r in enumerate(rows) for t in r.masked_ids]
+    if pairs:
+        index = _to_device(torch.tensor(pairs, dtype=torch.long), device)  # [M, 2]
+        batch.masked_rows, batch.masked_cols = index[:, 0], index[:, 1]
+    return batch
+
+
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The f32 logits [B, V] that rows are drawn from: penalised, masked, scaled, filtered (-inf: dropped).
+
+    Greedy rows are penalised and masked only; softmax of a sampled row is its final distribution (what
+    speculative decoding needs). The input tensor is not modified.
+    """
+    assert logits.dim() == 2 and logits.shape[0] == batch.temperature.shape[0], "logits must be [B, V]"
+    # NOTE: an explicit copy: the in-place steps below must leave the caller's raw logits for the logprobs.
+    x = logits.to(torch.float32, copy=True)
+    _apply_penalties(x, batch)
+    if batch.masked_rows is not None:
+        x[batch.masked_rows, batch.masked_cols] = -math.inf
+    if not batch.all_greedy:
+        x.div_(batch.temperature[:, None])
+        _apply_filters(x, batch)
+    return x
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """Choose one token per row of `logits` [B, V]; the input tensor is not modified."""
+    x = process_logits(logits, batch)
+    # Greedy rows have temperature 1 and no filters, so this is the argmax of their penalised logits.
+    token_ids = x.argmax(dim=-1)
+    if not batch.all_greedy:
+        sampled = (x - _exponential_noise(x, batch).log_()).argmax(dim=-1)
+        token_ids = torch.where(batch.greedy, token_ids, sampled)
+    return _with_logprobs(logits, token_ids, batch.num_logprobs)
+
+
+def _apply_penalties(x: torch.Tensor, batch: SamplingBatch) -> None:
+    """vLLM's definitions: repetition divides positive / multiplies negative logits of any seen token; then
+    logit -= frequency_penalty * count + presence_penalty * (count > 0), counting output tokens only."""
+    if batch.seen is not None:
+        rp = batch.repetition_penalty
+        x.copy_(torch.where(batch.seen, torch.where(x > 0, x / rp, x * rp), x))
+    if batch.output_counts is not None:
+        counts = batch.output_counts
+        x.sub_(batch.frequency_penalty * counts + batch.presence_penalty * (counts > 0))
+
+
+def _apply_filters(x: torch.Tensor, batch: SamplingBatch) -> None:
+    """Top-k, top-p and min-p on temperature-scaled logits, each as a per-row value threshold set to -inf."""
+    if batch.top_k is not None or batch.top_p is not None:
+        vocab = x.shape[-1]
+        # The top-C values of each row, best first. C covers every row's top_k, so top-p only needs a full
+        # sort when some row asks for top-p without top-k (generation configs usually set both).
+        c = vocab if batch.top_p_without_top_k else min(batch.max_top_k, vocab)
+        best = x.sort(dim=-1, descending=True).values if c == vocab else x.topk(c, dim=-1).values  # [B, C]
+        if batch.top_k is not None:
+            k = batch.top_k.clamp(max=c)[:, None]
+            kth = best.gather(1, k - 1)  # rows without top-k have k = V, so kth is at most the minimum
+            kth = torch.where(batch.top_k[:, None] >= vocab, -math.inf, kth)
+            x.masked_fill_(x < kth, -math.inf)
+        if batch.top_p is not None:
+            # Probabilities of the C best tokens, normalised over the whole (top-k filtered) row.
+            probs = (best - torch.logsumexp(x, dim=-1, keepdim=True)).exp_()
+            mass_before = probs.cumsum(dim=-1) - probs
+            # Keep token i while the tokens before it hold less than top_p: the smallest set of mass >= top_p.
+            keep = (mass_before < batch.top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
+            cut = best.gather(1, keep - 1)
+            # top_p = 1 keeps everything even if rounding pushed the running sum to 1 early.
+            cut = torch.where(batch.top_p >= 1.0, -math.inf, cut)
+            x.masked_fill_(x < cut, -math.inf)
+    if batch.log_min_p is not None:
+        # p_i < min_p * p_max  <=>  logit_i < max_logit + log(min_p); the ratio ignores renormalisation.
+        floor = x.amax(dim=-1, keepdim=True) + batch.log_min_p
+        x.masked_fill_(x < floor, -math.inf)
+
+
+def _exponential_noise(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """q ~ Exp(1) of x's shape; seeded rows draw theirs from their own generator."""
+    q = torch.empty_like(x).exponential_()
+    for row, generator in batch.seeded:
+        # A fresh contiguous tensor per row, so the draw cannot depend on the row's position in the batch.
+        q[row] = torch.empty_like(x[row]).exponential_(generator=generator)
+    # NOTE: q = 0 would give log(0) = -inf and make -inf - log(q) undefined on masked tokens.
+    return q.clamp_(min=torch.finfo(torch.float32).tiny)
+
+
+def _with_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int | None) -> SamplerOutput:
+    out = SamplerOutput(token_ids=token_ids, logprobs=None, top_ids=None, top_logprobs=None)
+    if k is None:
+        return out
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V] of the raw logits
+    out.logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
+    if k > 0:
+        out.top_logprobs, out.top_ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    return out
+
+
+def _token_counts(history: list[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[B, V] f32 occurrence counts of each row's ids, scattered on the device from one padded copy."""
+    width = max((len(h) for h in history), default=0)
+    # Padding points at an extra column V that is dropped afterwards.
+    padded = torch.full((len(history), max(width, 1)), vocab_size, dtype=torch.long)
+    for i, h in enumerate(history):
+        if h:
+            padded[i, : len(h)] = torch.as_tensor(h, dtype=torch.long)
+    padded = _to_device(padded, device)
+    counts = torch.zeros(len(history), vocab_size + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor to device; through pinned memory on CUDA so that the copy does not block the host."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -1,0 +1,70 @@
+"""StatePool: recurrent state of every Gated DeltaNet layer, one slot per running sequence.
+
+Region table of `conv` ([layers, slots + 1, conv_dim, K-1]) and `ssm` ([layers, slots + 1, Hv, dk, dv]):
+  slot 0          dummy slot for CUDA-graph padding; never handed out
+  slots 1..N      handed out by `allocate` (zeroed: a new sequence starts from the zero state), returned by `free`
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StatePool:
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        conv_dim: int,
+        conv_width: int,
+        hv: int,
+        dk: int,
+        dv: int,
+        dtype: torch.dtype,
+        ssm_dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        self.conv = torch.zeros(
+            num_layers, num_slots + 1, conv_dim, conv_width - 1, dtype=dtype, device=device
+        )
+        self.ssm = torch.zeros(num_layers, num_slots + 1, hv, dk, dv, dtype=ssm_dtype, device=device)
+        self.num_slots = num_slots
+        self._free: list[int] = list(range(num_slots, 0, -1))
+
+    @staticmethod
+    def bytes_per_slot(
+        num_layers: int,
+        conv_dim: int,
+        conv_width: int,
+        hv: int,
+        dk: int,
+        dv: int,
+        dtype: torch.dtype,
+        ssm_dtype: torch.dtype,
+    ) -> int:
+        return num_layers * (conv_dim * (conv_width - 1) * dtype.itemsize + hv * dk * dv * ssm_dtype.itemsize)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_slots - len(self._free)
+
+    def can_allocate(self) -> bool:
+        return bool(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError("state pool exhausted")
+        slot = self._free.pop()
+        self.conv[:, slot].zero_()
+        self.ssm[:, slot].zero_()
+        return slot
+
+    def free(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def free_slots(self) -> list[int]:
+        return list(self._free)
