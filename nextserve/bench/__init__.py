@@ -1,0 +1,1 @@
+"""Benchmarks. `serve`: the load generator for any OpenAI-compatible server (`nextserve bench serve`)."""

@@ -1,0 +1,1 @@
+"""Accuracy evaluations (GSM8K, MMLU) of any OpenAI-compatible server; no engine code is imported."""
