@@ -20,6 +20,7 @@ _COMMANDS = [
         "nextserve.bench.serve",
         "serving load generator against an OpenAI-compatible server",
     ),
+    (("bench", "offline"), "nextserve.bench.offline", "batched vs one-at-a-time offline generation throughput"),
     (("eval", "gsm8k"), "nextserve.eval.gsm8k", "GSM8K few-shot accuracy against a server"),
     (("eval", "mmlu"), "nextserve.eval.mmlu", "MMLU few-shot accuracy against a server"),
 ]
