@@ -142,22 +142,17 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> ModelConfig:
         known = {f.name for f in fields(cls)} - {"rope"}
-        d = dict(raw)
-        for k, v in (overrides or {}).items():
-            if k not in known and k not in ("rope_parameters",):
+        overrides = overrides or {}
+        for k in overrides:
+            if k not in known and k != "rope_parameters":
                 raise ConfigError(f"unknown model config override {k!r}; known keys: {sorted(known)}")
-            d[k] = v
+        # rope_parameters is unpacked first (from config.json, then from the overrides), so that a plain
+        # override such as partial_rotary_factor wins over what config.json's rope_parameters says.
+        d = _unpack_rope_parameters(dict(raw))
+        d.update(_unpack_rope_parameters(dict(overrides)))
         model_type = d.get("model_type", "qwen3_next")
         if model_type != "qwen3_next":
             raise ConfigError(f"model_type {model_type!r} is not supported (nextserve serves qwen3_next)")
-        # rope_parameters (new transformers) carries theta, partial factor and the scaling type in one dict.
-        rope_params = d.pop("rope_parameters", None)
-        if rope_params:
-            d.setdefault("rope_theta", rope_params.get("rope_theta", cls.rope_theta))
-            if "partial_rotary_factor" in rope_params:
-                d["partial_rotary_factor"] = rope_params["partial_rotary_factor"]
-            if rope_params.get("rope_type", "default") != "default" and not d.get("rope_scaling"):
-                d["rope_scaling"] = {k: v for k, v in rope_params.items() if k != "rope_theta"}
         unknown = set(d) - known - _IGNORED_KEYS
         if unknown:
             logger.warning("config.json keys ignored by nextserve: %s", sorted(unknown))
@@ -282,3 +277,16 @@ class ModelConfig:
             need(math.isfinite(self.rope.yarn_factor), "yarn factor must be finite")
         for t in self.eos_token_ids:
             need(0 <= t < self.vocab_size, f"eos_token_id {t} outside the vocabulary")
+
+
+def _unpack_rope_parameters(d: dict[str, Any]) -> dict[str, Any]:
+    """rope_parameters (new transformers) carries theta, the partial factor and the scaling type in one dict;
+    spread it into the flat keys (rope_theta, partial_rotary_factor, rope_scaling) unless those are set."""
+    rope_params = d.pop("rope_parameters", None)
+    if rope_params:
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if d.get(key) is None and key in rope_params:
+                d[key] = rope_params[key]
+        if rope_params.get("rope_type", "default") != "default" and d.get("rope_scaling") is None:
+            d["rope_scaling"] = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+    return d

@@ -52,10 +52,9 @@ class IncrementalDetokenizer:
         # the output on its own keeps the text equal to decode(output_ids).
         if self._decode(context).endswith(_REPLACEMENT_CHAR):
             context = []
-        # Only the decoding window is kept: tokens before the prefix offset are dropped as it advances.
+        # Only the decoding window is kept, tokens[prefix:]: it is trimmed as the prefix offset advances.
         self._window: list[int] = context
-        self._prefix_offset = 0
-        self._read_offset = len(context)
+        self._read_offset = len(context)  # relative to the window's start
         self._window_returned = 0  # chars past the context's text already returned while the window waits
 
         self._text = ""  # returned so far
@@ -96,8 +95,8 @@ class IncrementalDetokenizer:
 
     def _decode_window(self, flush: bool) -> str:
         """Text of the tokens past the read offset not returned yet, short of a possibly incomplete character."""
-        prefix_text = self._decode(self._window[self._prefix_offset : self._read_offset])
-        full_text = self._decode(self._window[self._prefix_offset :])
+        prefix_text = self._decode(self._window[: self._read_offset])
+        full_text = self._decode(self._window)
         # NOTE: only a trailing run of U+FFFD can change when more bytes arrive (one per incomplete byte
         # sequence with byte-level BPE, one per byte with byte fallback); everything before it is final.
         certain = full_text if flush else full_text.rstrip(_REPLACEMENT_CHAR)
@@ -107,8 +106,7 @@ class IncrementalDetokenizer:
         if len(certain) == len(full_text) and len(full_text) > len(prefix_text):
             # The window slides: this step's new tokens become the next step's context.
             del self._window[: self._read_offset]
-            self._prefix_offset, self._read_offset = 0, len(self._window)
-            self._window_returned = 0
+            self._read_offset, self._window_returned = len(self._window), 0
         else:
             self._window_returned += len(new_text)
         return new_text

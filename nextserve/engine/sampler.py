@@ -46,6 +46,7 @@ class SamplingBatch:
     temperature: torch.Tensor  # [B] f32; 1.0 on greedy rows so that dividing is harmless
     greedy: torch.Tensor  # [B] bool
     all_greedy: bool
+    any_greedy: bool
     seeded: list[tuple[int, torch.Generator]]  # (row, generator) for rows that draw their own noise
     num_logprobs: int | None  # K = max requested top logprobs; None: no row asked for logprobs
     top_k: torch.Tensor | None = None  # [B] long; V on rows without top-k
@@ -58,8 +59,7 @@ class SamplingBatch:
     frequency_penalty: torch.Tensor | None = None  # [B, 1] f32
     presence_penalty: torch.Tensor | None = None  # [B, 1] f32
     output_counts: torch.Tensor | None = None  # [B, V] f32: occurrences in the output
-    masked_rows: torch.Tensor | None = None  # [M] long } the M (row, id) pairs set to -inf
-    masked_cols: torch.Tensor | None = None  # [M] long }
+    masked_flat: torch.Tensor | None = None  # [M] long: row * V + id for each of the M ids set to -inf
 
 
 @dataclass
@@ -70,9 +70,7 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None  # [B, K] f32
 
 
-def build_sampling_batch(
-    rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str
-) -> SamplingBatch:
+def build_sampling_batch(rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str) -> SamplingBatch:
     """Gather per-row data into tensors on `device`; penalty tensors only when some row uses them."""
     if not rows:
         raise ValueError("cannot build a sampling batch with no rows")
@@ -85,53 +83,51 @@ def build_sampling_batch(
         if r.generator is not None and r.generator.device.type != device.type:
             raise ValueError(f"a row's generator is on {r.generator.device}, the batch on {device}")
 
-    def column(values: list[float]) -> torch.Tensor:
-        return _to_device(torch.tensor(values, dtype=torch.float32), device)
-
+    # Filters are skipped on greedy rows: they cannot change the argmax.
     greedy = [p.greedy for p in params]
+    temperature = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
+    top_k = [p.top_k if p.top_k > 0 and not g else vocab_size for p, g in zip(params, greedy)]
+    top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
+    log_min_p = [math.log(p.min_p) if p.min_p > 0 and not g else -math.inf for p, g in zip(params, greedy)]
+    repetition = [p.repetition_penalty for p in params]
+    frequency = [p.frequency_penalty for p in params]
+    presence = [p.presence_penalty for p in params]
+    # One host-to-device copy for all per-row scalars; top_k is exact in f32 for vocabularies below 2**24.
+    names = ["temperature", "greedy", "top_p", "log_min_p", "repetition", "frequency", "presence", "top_k"]
+    values = [temperature, greedy, top_p, log_min_p, repetition, frequency, presence, top_k]
+    column = dict(zip(names, _to_device(torch.tensor(values, dtype=torch.float32), device)))  # each [B]
+
     batch = SamplingBatch(
-        temperature=column([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
-        greedy=_to_device(torch.tensor(greedy), device),
+        temperature=column["temperature"],
+        greedy=column["greedy"] > 0,
         all_greedy=all(greedy),
-        seeded=[
-            (i, r.generator)
-            for i, (r, g) in enumerate(zip(rows, greedy))
-            if r.generator is not None and not g
-        ],
+        any_greedy=any(greedy),
+        seeded=[(i, r.generator) for i, (r, g) in enumerate(zip(rows, greedy)) if r.generator is not None and not g],
         num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),
     )
-
-    # Filters are skipped on greedy rows: they cannot change the argmax.
-    top_k = [p.top_k if p.top_k > 0 and not g else vocab_size for p, g in zip(params, greedy)]
     if min(top_k) < vocab_size:
-        batch.top_k = _to_device(torch.tensor(top_k), device)
+        batch.top_k = column["top_k"].long()
         batch.max_top_k = max(k for k in top_k if k < vocab_size)
-    top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
     if min(top_p) < 1.0:
-        batch.top_p = column(top_p)[:, None]
+        batch.top_p = column["top_p"][:, None]
         batch.top_p_without_top_k = any(p < 1.0 and k >= vocab_size for p, k in zip(top_p, top_k))
-    min_p = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
-    if max(min_p) > 0.0:
-        batch.log_min_p = column([math.log(m) if m > 0 else -math.inf for m in min_p])[:, None]
+    if max(log_min_p) > -math.inf:
+        batch.log_min_p = column["log_min_p"][:, None]
 
     # Histories are only scattered for rows whose penalty is not neutral, to keep host work small.
-    if any(p.repetition_penalty != 1.0 for p in params):
-        batch.repetition_penalty = column([p.repetition_penalty for p in params])[:, None]
+    if any(r != 1.0 for r in repetition):
+        batch.repetition_penalty = column["repetition"][:, None]
         history = [[*r.prompt_ids, *r.output_ids] if r.params.repetition_penalty != 1.0 else [] for r in rows]
         batch.seen = _token_counts(history, vocab_size, device) > 0
-    if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
-        batch.frequency_penalty = column([p.frequency_penalty for p in params])[:, None]
-        batch.presence_penalty = column([p.presence_penalty for p in params])[:, None]
-        history = [
-            r.output_ids if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0 else []
-            for r in rows
-        ]
+    if any(f != 0.0 or p != 0.0 for f, p in zip(frequency, presence)):
+        batch.frequency_penalty = column["frequency"][:, None]
+        batch.presence_penalty = column["presence"][:, None]
+        history = [r.output_ids if r.params.frequency_penalty or r.params.presence_penalty else [] for r in rows]
         batch.output_counts = _token_counts(history, vocab_size, device)
 
-    pairs = [(i, t) for i, r in enumerate(rows) for t in r.masked_ids]
-    if pairs:
-        index = _to_device(torch.tensor(pairs, dtype=torch.long), device)  # [M, 2]
-        batch.masked_rows, batch.masked_cols = index[:, 0], index[:, 1]
+    masked = [i * vocab_size + t for i, r in enumerate(rows) for t in r.masked_ids]
+    if masked:
+        batch.masked_flat = _to_device(torch.tensor(masked, dtype=torch.long), device)
     return batch
 
 
@@ -145,8 +141,9 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     # NOTE: an explicit copy: the in-place steps below must leave the caller's raw logits for the logprobs.
     x = logits.to(torch.float32, copy=True)
     _apply_penalties(x, batch)
-    if batch.masked_rows is not None:
-        x[batch.masked_rows, batch.masked_cols] = -math.inf
+    if batch.masked_flat is not None:
+        # Flat indices: scalar assignment through [rows, cols] indexing would synchronise with the host.
+        x.view(-1).index_fill_(0, batch.masked_flat, -math.inf)
     if not batch.all_greedy:
         x.div_(batch.temperature[:, None])
         _apply_filters(x, batch)
@@ -157,10 +154,13 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """Choose one token per row of `logits` [B, V]; the input tensor is not modified."""
     x = process_logits(logits, batch)
     # Greedy rows have temperature 1 and no filters, so this is the argmax of their penalised logits.
-    token_ids = x.argmax(dim=-1)
-    if not batch.all_greedy:
-        sampled = (x - _exponential_noise(x, batch).log_()).argmax(dim=-1)
-        token_ids = torch.where(batch.greedy, token_ids, sampled)
+    greedy_ids = x.argmax(dim=-1) if batch.any_greedy else None
+    if batch.all_greedy:
+        return _with_logprobs(logits, greedy_ids, batch.num_logprobs)
+    noise = _exponential_noise(x, batch).log_()
+    token_ids = torch.sub(x, noise, out=noise).argmax(dim=-1)  # reuses the noise buffer
+    if greedy_ids is not None:
+        token_ids = torch.where(batch.greedy, greedy_ids, token_ids)
     return _with_logprobs(logits, token_ids, batch.num_logprobs)
 
 
@@ -176,31 +176,35 @@ def _apply_penalties(x: torch.Tensor, batch: SamplingBatch) -> None:
 
 
 def _apply_filters(x: torch.Tensor, batch: SamplingBatch) -> None:
-    """Top-k, top-p and min-p on temperature-scaled logits, each as a per-row value threshold set to -inf."""
+    """Top-k, top-p and min-p on temperature-scaled logits, folded into one per-row floor: below it is -inf."""
+    floor = None  # [B, 1]
+    best = None  # [B, C]: the C largest logits of each row, best first
     if batch.top_k is not None or batch.top_p is not None:
         vocab = x.shape[-1]
-        # The top-C values of each row, best first. C covers every row's top_k, so top-p only needs a full
-        # sort when some row asks for top-p without top-k (generation configs usually set both).
+        # C covers every row's top_k, so top-p needs a full sort only when some row asks for top-p without
+        # top-k (generation configs usually set both, and topk(20) is far cheaper than sorting 150k values).
         c = vocab if batch.top_p_without_top_k else min(batch.max_top_k, vocab)
-        best = x.sort(dim=-1, descending=True).values if c == vocab else x.topk(c, dim=-1).values  # [B, C]
-        if batch.top_k is not None:
-            k = batch.top_k.clamp(max=c)[:, None]
-            kth = best.gather(1, k - 1)  # rows without top-k have k = V, so kth is at most the minimum
-            kth = torch.where(batch.top_k[:, None] >= vocab, -math.inf, kth)
-            x.masked_fill_(x < kth, -math.inf)
-        if batch.top_p is not None:
-            # Probabilities of the C best tokens, normalised over the whole (top-k filtered) row.
-            probs = (best - torch.logsumexp(x, dim=-1, keepdim=True)).exp_()
-            mass_before = probs.cumsum(dim=-1) - probs
-            # Keep token i while the tokens before it hold less than top_p: the smallest set of mass >= top_p.
-            keep = (mass_before < batch.top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
-            cut = best.gather(1, keep - 1)
-            # top_p = 1 keeps everything even if rounding pushed the running sum to 1 early.
-            cut = torch.where(batch.top_p >= 1.0, -math.inf, cut)
-            x.masked_fill_(x < cut, -math.inf)
+        best = x.sort(dim=-1, descending=True).values if c == vocab else x.topk(c, dim=-1).values
+    if batch.top_k is not None:
+        kth = best.gather(1, batch.top_k.clamp(max=best.shape[-1])[:, None] - 1)
+        floor = torch.where(batch.top_k[:, None] >= x.shape[-1], -math.inf, kth)  # V means no top-k
+        best = best.masked_fill(best < floor, -math.inf)
+    if batch.top_p is not None:
+        # A top-p row's survivors of top-k all lie in `best`, so its softmax is the renormalised distribution
+        # (up to exact ties with the k-th value beyond position C, which are kept but not counted).
+        probs = best.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        # Keep token i while the tokens before it hold less than top_p: the smallest set of mass >= top_p.
+        keep = (mass_before < batch.top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
+        # top_p = 1 keeps everything even if rounding pushed the running sum to 1 early.
+        cut = torch.where(batch.top_p >= 1.0, -math.inf, best.gather(1, keep - 1))
+        floor = cut if floor is None else torch.maximum(floor, cut)
     if batch.log_min_p is not None:
         # p_i < min_p * p_max  <=>  logit_i < max_logit + log(min_p); the ratio ignores renormalisation.
-        floor = x.amax(dim=-1, keepdim=True) + batch.log_min_p
+        top = best[:, :1] if best is not None else x.amax(dim=-1, keepdim=True)
+        cut = top + batch.log_min_p
+        floor = cut if floor is None else torch.maximum(floor, cut)
+    if floor is not None:
         x.masked_fill_(x < floor, -math.inf)
 
 
@@ -210,7 +214,7 @@ def _exponential_noise(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     for row, generator in batch.seeded:
         # A fresh contiguous tensor per row, so the draw cannot depend on the row's position in the batch.
         q[row] = torch.empty_like(x[row]).exponential_(generator=generator)
-    # NOTE: q = 0 would give log(0) = -inf and make -inf - log(q) undefined on masked tokens.
+    # NOTE: the CPU generator can return q = 0, and -inf - log(0) is NaN, which argmax would pick.
     return q.clamp_(min=torch.finfo(torch.float32).tiny)
 
 

@@ -31,7 +31,7 @@ def load_model(
 ) -> Qwen3NextForCausalLM:
     with torch.device(device):
         model = Qwen3NextForCausalLM(config, dtype=dtype, ctx=ctx, comm=comm, with_mtp=with_mtp)
-    tensors = ((name, t.to(device)) for name, t in iter_checkpoint(model_dir, progress=progress))
+    tensors = ((name, t.to(device)) for name, t in iter_checkpoint(model_dir, dtype=dtype, progress=progress))
     load_weights(model, tensors)
     return model.eval()
 

@@ -165,6 +165,9 @@ class Qwen3NextExperts(nn.Module):
         i_local = ctx.split(I, "moe_intermediate_size")
         self.gate_up_proj = _param(E, 2 * i_local, H, dtype=dtype, shard_fn=split_parts(ctx, 1, [I, I]))
         self.down_proj = _param(E, H, i_local, dtype=dtype, shard_fn=split_parts(ctx, 2))
+        # Shapes of one expert's checkpoint tensors, before sharding (the loader checks them).
+        self.gate_up_proj.expert_shape = (I, H)
+        self.down_proj.expert_shape = (H, I)
 
 
 class Qwen3NextSparseMoeBlock(nn.Module):

@@ -91,6 +91,8 @@ def _load_expert(params: dict[str, nn.Parameter], m: re.Match, tensor: torch.Ten
         raise WeightsError(
             f"tensor {name!r}: expert {e} out of range (the model has {param.shape[0]} experts)"
         )
+    if tuple(tensor.shape) != param.expert_shape:
+        raise WeightsError(f"tensor {name!r} has shape {tuple(tensor.shape)}; expected {param.expert_shape}")
     # Shard one expert through the packed parameter's shard_fn by giving it a leading expert axis of 1.
     if proj == "down_proj":
         local = param.shard_fn(tensor.unsqueeze(0))[0]

@@ -170,6 +170,26 @@ def test_stop_string_split_at_every_position(tokenizer, stop, include):
                 detok.step(ids[consumed:])
 
 
+@pytest.mark.parametrize("include", [False, True])
+def test_random_sequences_with_stop_strings(tokenizer, include):
+    rng = random.Random(1)
+    vocab = len(tokenizer)
+    for _ in range(300):
+        output = [rng.randrange(vocab) for _ in range(rng.randrange(1, 25))]
+        full = tokenizer.decode(output, skip_special_tokens=True)
+        stops = ["@@"]  # never in the text
+        for _ in range(rng.randint(1, 3)):
+            if len(full) > 1:
+                start = rng.randrange(len(full) - 1)
+                stops.append(full[start : start + rng.randint(1, 4)])
+        # The reference: the stop string whose first occurrence ends first (then starts first) cuts the text.
+        matches = [(full.find(s) + len(s), full.find(s), s) for s in stops if s in full]
+        end, start, stop = min(matches) if matches else (len(full), len(full), None)
+        detok = IncrementalDetokenizer(tokenizer, [], stop=stops, include_stop_str_in_output=include)
+        stream(detok, output, chunks=[rng.randint(1, 3) for _ in range(4)])
+        assert (detok.text, detok.stop_reason) == (full[: end if include else start], stop), (output, stops)
+
+
 def test_partial_stop_string_is_held_back_then_released(tokenizer):
     detok = IncrementalDetokenizer(tokenizer, [], stop=["STOP"])
     assert detok.step(tokenizer.encode("abc ST")) == ("abc ", None)

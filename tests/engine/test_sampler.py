@@ -116,13 +116,17 @@ def test_same_seed_gives_same_tokens_in_any_batch():
         {"temperature": 1.0, "min_p": 0.2},
         {"temperature": 1.5, "top_k": 5, "top_p": 0.9, "min_p": 0.3},
         {"temperature": 0.7, "top_p": 0.95},
+        {"temperature": 1.0, "top_k": 3, "top_p": 0.75},
     ],
 )
-def test_samples_follow_the_renormalised_distribution(config):
+@pytest.mark.parametrize("companion", ["greedy", "top_p_only"])
+def test_samples_follow_the_renormalised_distribution(config, companion):
     torch.manual_seed(1234)
     logits = torch.tensor(LOGITS).expand(NUM_DRAWS, -1)  # one independent draw per row
-    # Mix a greedy row into the batch so that the mixed path is the one tested.
-    rows = [SamplingRow(params(**config))] * (NUM_DRAWS - 1) + [SamplingRow(params(temperature=0.0))]
+    # A companion row picks the path: a greedy row gives the mixed path; a top-p row without top-k forces
+    # top-p over a full sort instead of over the top-k values.
+    companion_params = params(temperature=0.0) if companion == "greedy" else params(top_p=0.5)
+    rows = [SamplingRow(params(**config))] * (NUM_DRAWS - 1) + [SamplingRow(companion_params)]
     ids = run(logits, rows).token_ids[:-1]
     counts = torch.bincount(ids, minlength=len(LOGITS)).tolist()
     expected = expected_distribution(LOGITS, **config)
@@ -130,10 +134,7 @@ def test_samples_follow_the_renormalised_distribution(config):
     support = [i for i, p in enumerate(expected) if p > 0]
     assert all(counts[i] == 0 for i in range(len(LOGITS)) if expected[i] == 0), (counts, expected)
     chi2 = sum((counts[i] - n * expected[i]) ** 2 / (n * expected[i]) for i in support)
-    if len(support) > 1:
-        assert chi2 < CHI2_CRIT[len(support) - 1], (counts, [round(n * p) for p in expected])
-    else:
-        assert counts[support[0]] == n
+    assert chi2 < CHI2_CRIT[len(support) - 1], (counts, [round(n * p) for p in expected])
 
 
 def test_expected_distribution_is_not_trivial():
@@ -144,6 +145,8 @@ def test_expected_distribution_is_not_trivial():
     assert (support(1.0, 3), support(1.0, 0, 0.8), support(1.0, 0, 1.0, 0.2)) == (3, 3, 3)
     # In the combined configuration each filter removes one more token, in vLLM's order.
     assert [support(1.5, 5), support(1.5, 5, 0.9), support(1.5, 5, 0.9, 0.3)] == [5, 4, 3]
+    # top-p sees the top-k renormalised distribution: over all six tokens 0.75 would need three.
+    assert (support(1.0, 3, 0.75), support(1.0, 0, 0.75)) == (2, 3)
 
 
 def test_penalties_match_a_scalar_computation():
@@ -239,11 +242,14 @@ def test_cuda_sampling_has_no_host_sync_and_matches_cpu():
     vocab = 151_936
     logits = torch.randn(4, vocab, device="cuda", dtype=torch.bfloat16) * 4
     batch = build_sampling_batch(mixed_rows("cuda"), vocab, "cuda")
+    # Without the top-p-only row, top-p runs over topk values instead of a full sort.
+    topk_batch = build_sampling_batch(mixed_rows("cuda")[:2] * 2, vocab, "cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = sample(logits, batch)
         processed = process_logits(logits, batch)
+        sample(logits, topk_batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     cpu_batch = build_sampling_batch(mixed_rows("cpu"), vocab, "cpu")
