@@ -1,0 +1,408 @@
+"""The OpenAI wire format: request models in, error bodies, usage, logprobs and SSE lines out.
+
+Requests are parsed strictly from the raw JSON body (`parse_request`): a wrong type is an error, never a silent
+coercion ("5" is not an integer), and unknown fields are ignored as OpenAI-compatible servers do. Every problem a
+client can cause is raised as `APIError`, which the app turns into OpenAI's error body
+`{"error": {"message", "type", "param", "code"}}` with the right HTTP status.
+
+Fields the client leaves out stay None so that `SamplingParams` carries "not set" to the engine, which fills them
+from the model's generation_config.json. Responses are plain dicts built here and in the endpoint modules, because
+OpenAI's shapes mix "present and null" with "absent" in ways a response model would blur.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from nextserve.outputs import TokenLogprob
+from nextserve.sampling_params import MAX_LOGPROBS, SamplingParams
+
+# OpenAI's own bound on n; larger values are almost always a client bug and each sample costs a state slot.
+MAX_N = 128
+# Integers that end up in device tensors must fit them; beyond this they only mean "everything" anyway.
+_INT32_MAX = 2**31 - 1
+
+
+class APIError(Exception):
+    """A request the server refuses; `status` is the HTTP status and the rest fills OpenAI's error body."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.type = type
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# ---- requests -----------------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    # strict: "5" is not an integer and 1 is not a bool. ignore: clients send fields we have no use for
+    # (metadata, store, service_tier...); refusing them would break stock OpenAI clients.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        if self.type != "text":
+            raise ValueError(f"content parts of type {self.type!r} are not supported (text only)")
+        if self.text is None:
+            raise ValueError("a text content part needs a 'text' string")
+        return self
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # a JSON object, as a string (OpenAI's shape)
+
+
+class ToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    # "developer" is OpenAI's newer name for the system role; the chat template only knows "system".
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    @model_validator(mode="after")
+    def _needs_content(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs 'content'")
+        return self
+
+    def text(self) -> str:
+        """The content as one string; several text parts are joined by newlines."""
+        if isinstance(self.content, list):
+            return "\n".join(part.text or "" for part in self.content)
+        return self.content or ""
+
+
+class FunctionDef(_Strict):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class _FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: _FunctionName
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class _SamplingRequest(_Strict):
+    """Fields shared by chat and text completions: the model, streaming and every sampling control."""
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, le=_INT32_MAX)
+    min_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch.Generator.manual_seed takes
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> _SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported (it must be left out or equal n)")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """SamplingParams for this request; unset generation-config fields stay None for the engine to resolve."""
+        try:
+            return SamplingParams(
+                n=self.n,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                min_p=self.min_p,
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                repetition_penalty=self.repetition_penalty,
+                seed=self.seed,
+                max_tokens=max_tokens,
+                min_tokens=self.min_tokens,
+                stop=self.stop,
+                stop_token_ids=self.stop_token_ids,
+                ignore_eos=self.ignore_eos,
+                logprobs=logprobs,
+                skip_special_tokens=self.skip_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+            )
+        except ValueError as e:
+            raise APIError(str(e)) from None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _chat_supported(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ValueError(f"response_format {self.response_format.type!r} is not supported (no guided decoding)")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice 'required' or a named function needs 'tools'")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if name not in {t.function.name for t in self.tools or []}:
+                raise ValueError(f"tool_choice names the function {name!r}, which is not in 'tools'")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        # max_completion_tokens is OpenAI's newer name; it wins when both are sent.
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _completion_supported(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo=true is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        prompts = self.prompts()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompt must not be empty")
+        if any(isinstance(p, list) and min(p) < 0 for p in prompts):
+            raise ValueError("prompt token ids must be non-negative")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one string or token-id list per prompt."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+RequestT = TypeVar("RequestT", bound=_SamplingRequest)
+
+# Names pydantic puts in an error location for the branch of a union; they are not request fields.
+_BRANCH_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def parse_request(body: bytes, model: type[RequestT]) -> RequestT:
+    """Validate a raw JSON body into `model`; any problem becomes a 400 APIError naming the field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        if err["type"] == "json_invalid":
+            raise APIError(f"the request body is not valid JSON: {err['msg']}") from None
+        param = _param_path(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise APIError(f"{param}: {msg}" if param else msg, param=param) from None
+
+
+def _param_path(loc: tuple[Any, ...]) -> str | None:
+    path = ""
+    for item in loc:
+        if isinstance(item, int):
+            path += f"[{item}]"
+        elif item.isidentifier() and item.islower() and item not in _BRANCH_NAMES:
+            path += f".{item}" if path else item
+    return path or None
+
+
+def resolve_max_tokens(
+    requested: int | None, prompt_len: int, max_model_len: int, defaults: dict[str, Any], prompt_param: str
+) -> int:
+    """max_tokens for a prompt: the request's, else the config's max_new_tokens, else the rest of the context."""
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise APIError(
+            f"the prompt has {prompt_len} tokens but this model's context length is {max_model_len}",
+            code="context_length_exceeded",
+            param=prompt_param,
+        )
+    if requested is None:
+        default = defaults.get("max_new_tokens")
+        return min(room, default) if isinstance(default, int) and default > 0 else room
+    if requested > room:
+        raise APIError(
+            f"this model's context length is {max_model_len} tokens, but {prompt_len + requested} were requested "
+            f"({prompt_len} in the prompt, {requested} for the completion); shorten the prompt or max_tokens",
+            code="context_length_exceeded",
+            param="max_tokens",
+        )
+    return requested
+
+
+# ---- responses ----------------------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    """One server-sent event; payloads are compact JSON, `[DONE]` goes as is."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+class TokenText:
+    """Text and raw bytes of single tokens, for logprobs; cached per id because the same tokens recur."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+        self._byte_of = _byte_level_decoder()
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            text = self._tokenizer.decode([token_id])
+            piece = self._tokenizer.convert_ids_to_tokens(token_id)
+            # A byte-level BPE piece spells its raw bytes one character per byte; a token that is half of a
+            # UTF-8 character decodes to U+FFFD, so its true bytes come from the piece, not from `text`.
+            if isinstance(piece, str) and piece and all(c in self._byte_of for c in piece) and "\ufffd" in text:
+                raw = [self._byte_of[c] for c in piece]
+            else:
+                raw = list(text.encode("utf-8"))
+            hit = self._cache[token_id] = (text, raw)
+        return hit
+
+    def chat_logprobs(self, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+        """OpenAI chat `logprobs.content` entries."""
+        out = []
+        for e in entries:
+            text, raw = self(e.token_id)
+            top = []
+            for tid, lp in e.top:
+                t, b = self(tid)
+                top.append({"token": t, "logprob": lp, "bytes": b})
+            out.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": top})
+        return out
+
+    def completion_logprobs(self, entries: list[TokenLogprob], text_offset: int) -> dict[str, Any]:
+        """OpenAI text-completion `logprobs`; offsets count from `text_offset` (where this piece starts)."""
+        tokens, values, tops, offsets = [], [], [], []
+        for e in entries:
+            text = self(e.token_id)[0]
+            tokens.append(text)
+            values.append(e.logprob)
+            top = {self(tid)[0]: lp for tid, lp in e.top}
+            top.setdefault(text, e.logprob)  # "the most likely tokens, as well as the chosen one" (OpenAI)
+            tops.append(top)
+            offsets.append(text_offset)
+            text_offset += len(text)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-printable-character table used by byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    shift = 0
+    for b in range(256):
+        if b not in table:
+            # Bytes without a printable glyph are mapped past U+0100, in byte order.
+            table[b] = chr(256 + shift)
+            shift += 1
+    return {c: b for b, c in table.items()}
