@@ -60,6 +60,16 @@ class EngineConfig:
     mamba_ssm_dtype: str = field(
         default="float32", metadata={"help": "recurrent state dtype", "choices": ("float32", "bfloat16")}
     )
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV pages and state snapshots of "
+                                                                        "earlier requests (radix tree)"})
+    disable_radix_cache: bool = field(default=False, metadata={"help": "SGLang's name: turn prefix caching off"})
+    prefix_snapshot_interval: int = field(
+        default=512, metadata={"help": "take a state snapshot every this many tokens of prefill (a multiple of "
+                                       "--page-size)"})
+    max_prefix_snapshots: int | None = field(default=None, metadata={"help": "state slots for prefix-cache "
+                                                                            "snapshots (default: from the share)"})
+    prefix_snapshot_share: float = field(default=0.5, metadata={"help": "share of the state-slot memory that holds "
+                                                                         "prefix-cache snapshots"})
     num_kv_pages: int | None = field(
         default=None, metadata={"help": "fix the number of KV pages (tests, debugging)"}
     )
@@ -84,6 +94,10 @@ class EngineConfig:
         )
         need(self.mamba_full_memory_ratio > 0, "--mamba-full-memory-ratio must be > 0")
         need(self.num_kv_pages is None or self.num_kv_pages >= 1, "--num-kv-pages must be >= 1")
+        need(self.prefix_snapshot_interval >= self.page_size and self.prefix_snapshot_interval % self.page_size == 0,
+             "--prefix-snapshot-interval must be a positive multiple of --page-size")
+        need(self.max_prefix_snapshots is None or self.max_prefix_snapshots >= 0, "--max-prefix-snapshots must be >= 0")
+        need(0.0 <= self.prefix_snapshot_share < 1.0, "--prefix-snapshot-share must be in [0, 1)")
         need(self.context_length is None or self.context_length >= 2, "--context-length must be >= 2")
         need(self.dtype in _DTYPES, f"--dtype must be one of {_DTYPES}")
         need(self.mamba_ssm_dtype in ("float32", "bfloat16"), "--mamba-ssm-dtype must be float32 or bfloat16")
@@ -93,6 +107,10 @@ class EngineConfig:
         )
         if self.json_model_override_args is not None:
             self.model_overrides()  # validates the JSON
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.enable_prefix_caching and not self.disable_radix_cache
 
     def model_overrides(self) -> dict[str, Any]:
         if not self.json_model_override_args:
@@ -130,7 +148,9 @@ class EngineConfig:
             help_ = f.metadata.get("help", "")
             default = None if f.default is MISSING else f.default
             if f.type in ("bool", bool):
-                group.add_argument(flag, action="store_true", default=default, help=help_)
+                # Flags on by default can be turned off with --no-<flag>.
+                action = argparse.BooleanOptionalAction if default else "store_true"
+                group.add_argument(flag, action=action, default=default, help=help_)
                 continue
             typ = {"int": int, "float": float}.get(_base_type(f.type), str)
             group.add_argument(

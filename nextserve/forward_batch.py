@@ -9,7 +9,7 @@ Legend: T tokens in the step, B sequences, P pages per sequence (page-table widt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,13 @@ class ForwardBatch:
     # Host copies, so that CPU reference ops can loop without device syncs.
     query_lens: list[int]
     cached_lens: list[int]
+    # Recurrent-state snapshots to take inside the step: (sequence b, tokens of b's chunk consumed, dst slot).
+    # The Gated DeltaNet layers write the state (conv window and SSM state) at that point into the dst slot.
+    snapshots: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def snapshots_of(self, b: int) -> list[tuple[int, int]]:
+        """(offset, dst slot) of sequence b's snapshots, by offset."""
+        return sorted((o, dst) for sb, o, dst in self.snapshots if sb == b)
 
     @property
     def num_seqs(self) -> int:
@@ -51,6 +58,7 @@ class ForwardBatch:
         page_size: int,
         logits_indices: list[int] | None = None,
         device: torch.device | str = "cpu",
+        snapshots: list[tuple[int, int, int]] | None = None,
     ) -> ForwardBatch:
         """Builds the tensors from host lists (the runner's job; also handy in tests).
 
@@ -82,4 +90,5 @@ class ForwardBatch:
             page_size=page_size,
             query_lens=list(query_lens),
             cached_lens=list(cached_lens),
+            snapshots=list(snapshots or []),
         )

@@ -67,24 +67,27 @@ class IncrementalDetokenizer:
         """The output text so far: every delta returned, concatenated."""
         return self._text
 
-    def step(self, new_token_ids: Sequence[int], finished: bool = False) -> tuple[str, str | None]:
+    def step(
+        self, new_token_ids: Sequence[int], finished: bool = False, check_stop: bool = True
+    ) -> tuple[str, str | None]:
         """Add newly generated tokens; return (text delta, stop string hit or None).
 
         `finished=True` marks the last call: everything held back is released. After a stop string is hit the
-        sequence is finished and further calls raise RuntimeError.
+        sequence is finished and further calls raise RuntimeError. `check_stop=False` (while fewer than
+        min_tokens exist, as vLLM does) neither looks for stop strings nor holds text back for them.
         """
         if self.finished:
             raise RuntimeError("the sequence is finished; no more tokens can be added")
         self._window.extend(new_token_ids)
         new_text = self._decode_window(flush=finished)
 
-        hit = self._find_stop(new_text) if self._stop and new_text else None
+        hit = self._find_stop(new_text) if self._stop and new_text and check_stop else None
         if hit is not None:
             self.finished, self.stop_reason = True, hit[1]
             delta = hit[0]
         else:
             pending = self._unsent + new_text
-            hold = 0 if finished or self._include_stop else self._partial_stop_len(pending)
+            hold = 0 if finished or self._include_stop or not check_stop else self._partial_stop_len(pending)
             delta, self._unsent = pending[: len(pending) - hold], pending[len(pending) - hold :]
             self.finished = finished
         self._text += delta

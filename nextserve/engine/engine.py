@@ -17,6 +17,7 @@ from nextserve.config import EngineConfig
 from nextserve.engine.detokenizer import IncrementalDetokenizer
 from nextserve.engine.kv_pool import KVPool
 from nextserve.engine.memory import Capacity, cache_budget_bytes, plan_capacity
+from nextserve.engine.prefix_cache import PrefixCache
 from nextserve.engine.request import Request, Sequence
 from nextserve.engine.runner import ModelRunner
 from nextserve.engine.sampler import SamplingRow, build_sampling_batch, sample
@@ -73,7 +74,7 @@ class Engine:
         )
         self.state_pool = StatePool(
             len(gdn),
-            self.capacity.num_slots,
+            self.capacity.num_slots + self.capacity.num_snapshot_slots,
             gdn[0].conv1d.weight.shape[0],
             self.model_config.linear_conv_kernel_dim,
             gdn[0].hv,
@@ -84,8 +85,11 @@ class Engine:
             self.device,
         )
         self.runner = ModelRunner(self.model, self.kv_pool, self.state_pool, self.device)
+        self.prefix_cache = None
+        if cfg.prefix_caching:
+            self.prefix_cache = PrefixCache(self.kv_pool, self.state_pool, self.capacity.num_snapshot_slots)
         self.scheduler = Scheduler(
-            self.kv_pool, self.state_pool, cfg.max_num_batched_tokens, self.capacity.max_running
+            self.kv_pool, self.state_pool, cfg.max_num_batched_tokens, self.capacity.max_running, self.prefix_cache
         )
         eos = self.generation_defaults.get("eos_token_id", [])
         self.eos_ids = set(self.model_config.eos_token_ids) | set(eos if isinstance(eos, list) else [eos])
@@ -183,9 +187,12 @@ class Engine:
         if not scheduled:
             return []
         sampling = [s for s in scheduled if s.samples]
-        logits = self.runner.execute(scheduled)
+        snapshots = self.scheduler.plan_snapshots(scheduled, self.config.prefix_snapshot_interval)
+        logits = self.runner.execute(scheduled, snapshots)
         for s in scheduled:
             s.seq.num_cached += s.num_tokens
+        # Before sampling: a sequence that finishes now donates its cache, so snapshots must be in place first.
+        self.scheduler.commit_snapshots(scheduled, snapshots, [s.seq for s in sampling if s.num_tokens > 1])
         touched: dict[str, Request] = {}
         if sampling:
             self._sample_and_append(sampling, logits, touched)
@@ -230,7 +237,7 @@ class Engine:
         elif token in self.eos_ids and not p.ignore_eos:
             self._finish(seq, "stop", None)
         else:
-            delta, stop_hit = seq.detok.step([token])
+            delta, stop_hit = seq.detok.step([token], check_stop=len(seq.output_ids) > p.min_tokens)
             seq.text += delta
             if stop_hit is not None:
                 self._finish(seq, "stop", stop_hit)
@@ -245,6 +252,11 @@ class Engine:
             # Text held back (a possible stop-string start, an incomplete character) is final now.
             seq.text += seq.detok.step([], finished=True)[0]
         self.scheduler.finish(seq)
+
+    def reset_prefix_cache(self) -> None:
+        """Empties the prefix cache (locked paths of running sequences stay)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     # ---- introspection -------------------------------------------------------------------------------------
     def check_integrity(self) -> None:
@@ -261,8 +273,10 @@ class Engine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
-            "prefix_cache_queried_tokens": 0,
-            "prefix_cache_hit_tokens": 0,
+            "prefix_cache_queried_tokens": self.prefix_cache.queried_tokens if self.prefix_cache else 0,
+            "prefix_cache_hit_tokens": self.prefix_cache.hit_tokens if self.prefix_cache else 0,
+            "prefix_cache_snapshots": self.prefix_cache.num_snapshots if self.prefix_cache else 0,
+            "prefix_cache_snapshot_evictions": self.prefix_cache.snapshot_evictions if self.prefix_cache else 0,
         }
 
 

@@ -57,5 +57,10 @@ class KVPool:
     def free(self, pages: list[int]) -> None:
         self._free.extend(reversed(pages))
 
+    def copy_page(self, src: int, dst: int) -> None:
+        """Copy-on-write of a shared partial page: dst gets src's K and V in every layer."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
     def free_pages(self) -> list[int]:
         return list(self._free)

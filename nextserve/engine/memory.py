@@ -4,6 +4,8 @@ Budget: on a GPU, `mem_fraction_static` x total memory minus what the weights al
 `cpu_cache_bytes`. The budget is split between state slots and KV pages so that state / KV =
 `mamba_full_memory_ratio`, unless `max_mamba_cache_size` fixes the slot count (then KV gets the rest). More slots
 than `max_running_requests` would never be used, so the slot count is capped there and the rest goes to KV.
+With prefix caching, `prefix_snapshot_share` of the state memory holds snapshots (or `max_prefix_snapshots`; with
+`max_mamba_cache_size`, as many snapshot slots as working slots).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ DEFAULT_MAX_RUNNING = 256
 
 @dataclass(frozen=True)
 class Capacity:
-    num_slots: int
+    num_slots: int  # working slots (one per running sequence)
+    num_snapshot_slots: int  # prefix-cache snapshots
     num_pages: int
     page_size: int
     max_running: int
@@ -39,7 +42,8 @@ class Capacity:
 
     def describe(self) -> str:
         return (
-            f"state slots {self.num_slots} ({self.slot_bytes / 2**20:.2f} MiB each), "
+            f"state slots {self.num_slots} + {self.num_snapshot_slots} for prefix snapshots "
+            f"({self.slot_bytes / 2**20:.2f} MiB each), "
             f"KV pages {self.num_pages} x {self.page_size} tokens ({self.page_bytes / 2**10:.1f} KiB each), "
             f"max tokens in cache {self.max_cached_tokens}, max running requests {self.max_running}, "
             f"context length {self.context_length}"
@@ -81,17 +85,23 @@ def plan_capacity(
         ssm_dtype,
     )
     page_bytes = KVPool.bytes_per_page(num_attention_layers, cfg.page_size, kv_heads, mc.head_dim, dtype)
+    share = cfg.prefix_snapshot_share if cfg.prefix_caching else 0.0
     if cfg.max_mamba_cache_size is not None:
         slots = cfg.max_mamba_cache_size
+        snapshots = slots if cfg.prefix_caching else 0
     else:
         r = cfg.mamba_full_memory_ratio
-        slots = int(budget * r / (1 + r)) // max(slot_bytes, 1)
+        total = int(budget * r / (1 + r)) // max(slot_bytes, 1)
+        snapshots = int(total * share)
+        slots = total - snapshots
+    if cfg.max_prefix_snapshots is not None and cfg.prefix_caching:
+        snapshots = cfg.max_prefix_snapshots
     max_running = cfg.max_running_requests or min(max(slots, 1), DEFAULT_MAX_RUNNING)
     slots = max(1, min(slots, max_running))
     if cfg.num_kv_pages is not None:
         pages = cfg.num_kv_pages
     else:
-        pages = (budget - slots * slot_bytes) // page_bytes
+        pages = (budget - (slots + snapshots) * slot_bytes) // page_bytes
     if pages < 1:
         raise ValueError(
             f"the cache budget ({budget / 2**20:.1f} MiB) holds no KV page after {slots} state slots of "
@@ -103,4 +113,4 @@ def plan_capacity(
             "context length %d exceeds the KV pool (%d tokens): capping it", context, pages * cfg.page_size
         )
         context = pages * cfg.page_size
-    return Capacity(slots, int(pages), cfg.page_size, max_running, context, slot_bytes, page_bytes)
+    return Capacity(slots, snapshots, int(pages), cfg.page_size, max_running, context, slot_bytes, page_bytes)

@@ -43,6 +43,10 @@ class Sequence:
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None
     first_token_time: float | None = None
+    # Prefix cache: pages[:num_shared_pages] belong to the tree; tree_node is the deepest node of the locked path.
+    num_shared_pages: int = 0
+    tree_node: object | None = None
+    num_cached_at_admission: int | None = None
 
     @property
     def params(self) -> SamplingParams:
@@ -79,7 +83,6 @@ class Request:
     max_tokens: int
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
-    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -91,5 +94,5 @@ class Request:
             prompt_token_ids=self.prompt_token_ids,
             outputs=[s.completion() for s in self.seqs],
             finished=self.finished,
-            num_cached_tokens=self.num_cached_tokens,
+            num_cached_tokens=(self.seqs[0].num_cached_at_admission or 0) if self.seqs else 0,
         )

@@ -33,7 +33,7 @@ class ModelRunner:
         for i, gdn in enumerate(self.model.linear_attention_layers()):
             gdn.conv_state, gdn.ssm_state = self.states.conv[i], self.states.ssm[i]
 
-    def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, ForwardBatch]:
+    def prepare(self, scheduled: list[ScheduledSeq], snapshots=()) -> tuple[torch.Tensor, ForwardBatch]:
         ids: list[int] = []
         logits_rows: list[int] = []
         for s in scheduled:
@@ -49,12 +49,14 @@ class ModelRunner:
             page_size=self.kv.page_size,
             logits_indices=logits_rows,
             device=self.device,
+            snapshots=list(snapshots),
         )
         return torch.tensor(ids, dtype=torch.int64, device=self.device), batch
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """Runs the step; returns fp32 logits [R, V] for the sequences that sample, in scheduled order."""
-        input_ids, batch = self.prepare(scheduled)
+    def execute(self, scheduled: list[ScheduledSeq], snapshots=()) -> torch.Tensor:
+        """Runs the step; returns fp32 logits [R, V] for the sequences that sample, in scheduled order.
+        `snapshots` are (index in scheduled, offset in its chunk, dst slot) state snapshots taken in the step."""
+        input_ids, batch = self.prepare(scheduled, snapshots)
         hidden = self.model(input_ids, batch)
         return self.model.compute_logits(hidden[batch.logits_indices]).float()

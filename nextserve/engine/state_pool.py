@@ -2,7 +2,8 @@
 
 Region table of `conv` ([layers, slots + 1, conv_dim, K-1]) and `ssm` ([layers, slots + 1, Hv, dk, dv]):
   slot 0          dummy slot for CUDA-graph padding; never handed out
-  slots 1..N      handed out by `allocate` (zeroed: a new sequence starts from the zero state), returned by `free`
+  slots 1..N      handed out by `allocate` (zeroed: a new sequence starts from the zero state), returned by `free`;
+                  running sequences' working slots and the prefix cache's snapshots come from the same range
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ class StatePool:
 
     def free(self, slot: int) -> None:
         self._free.append(slot)
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """dst gets src's conv window and SSM state in every layer (snapshot in, snapshot out)."""
+        self.conv[:, dst] = self.conv[:, src]
+        self.ssm[:, dst] = self.ssm[:, src]
 
     def free_slots(self) -> list[int]:
         return list(self._free)

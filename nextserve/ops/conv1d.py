@@ -3,7 +3,8 @@
 x is [T, C] (channels last, the step's tokens end to end); weight is [C, K]; conv_states is the layer's pool
 tensor [S, C, K-1] holding, per slot, the last K-1 pre-conv inputs of the sequence. Sequence b reads its window
 from slot state_slots[b] as the left context (zeros for a new sequence: slots are zeroed when handed out) and
-writes its newest K-1 inputs back. The output is SiLU(conv), [T, C], in x's dtype.
+writes its newest K-1 inputs back; snapshots requested in the batch get the window at their offset. The output is
+SiLU(conv), [T, C], in x's dtype.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor, batch: ForwardBatch
 ) -> torch.Tensor:
     if batch.is_decode:
-        return _conv1d_decode(x, weight, conv_states, batch.state_slots)
+        y = _conv1d_decode(x, weight, conv_states, batch.state_slots)
+        for b, _, dst in batch.snapshots:  # offset is 1: the window after the step
+            conv_states[dst] = conv_states[batch.state_slots[b]]
+        return y
     out = torch.empty_like(x)
     k1 = weight.shape[1] - 1
     start = 0
@@ -30,6 +34,8 @@ def causal_conv1d(
             0
         ]  # [C, n]
         out[start : start + n] = F.silu(y).t().to(x.dtype)
+        for o, dst in batch.snapshots_of(b):
+            conv_states[dst] = u[:, o : o + k1].to(conv_states.dtype)
         conv_states[slot] = u[:, -k1:].to(conv_states.dtype)
         start += n
     return out

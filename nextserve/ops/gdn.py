@@ -107,14 +107,24 @@ def gated_delta_rule(
             q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], ssm_states[slots]
         )
         ssm_states[slots] = s.to(ssm_states.dtype)
+        for b, _, dst in batch.snapshots:  # offset is 1: the state after the step
+            ssm_states[dst] = ssm_states[slots[b]]
         return o[:, 0]
     out = torch.empty_like(v)
     start = 0
     for b, n in enumerate(batch.query_lens):
-        sl = slice(start, start + n)
         slot = int(slots[b])
-        o, s = chunk_gated_delta_rule(q[sl], k[sl], v[sl], g[sl], beta[sl], ssm_states[slot])
-        out[sl] = o
+        s = ssm_states[slot]
+        # A snapshot inside the chunk splits the computation there (chunks carrying state are exact).
+        cuts = batch.snapshots_of(b) + [(n, None)]
+        lo = 0
+        for hi, dst in cuts:
+            if hi > lo:
+                sl = slice(start + lo, start + hi)
+                out[sl], s = chunk_gated_delta_rule(q[sl], k[sl], v[sl], g[sl], beta[sl], s)
+            if dst is not None:
+                ssm_states[dst] = s.to(ssm_states.dtype)
+            lo = hi
         ssm_states[slot] = s.to(ssm_states.dtype)
         start += n
     return out

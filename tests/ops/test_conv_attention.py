@@ -44,3 +44,13 @@ def test_paged_attention_with_cached_prefix_matches_dense():
         attn_mask=mask,
     )
     assert torch.allclose(out, ref.transpose(0, 1)[9:], atol=1e-5)
+
+
+def test_conv_snapshot_is_the_window_at_its_offset():
+    C, K, T = 5, 4, 9
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(T, C, generator=g), torch.randn(C, K, generator=g)
+    states = torch.zeros(3, C, K - 1)
+    causal_conv1d(x, w, states, ForwardBatch.build([T], [0], [1], [[1]], 16, snapshots=[(0, 6, 2)]))
+    assert torch.allclose(states[2], x[3:6].t())
+    assert torch.allclose(states[1], x[-3:].t())

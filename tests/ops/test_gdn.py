@@ -71,3 +71,16 @@ def test_varlen_matches_per_sequence(lens):
         assert (out[start : start + n] - o).abs().max() < 1e-5
         assert (pool[slot] - st).abs().max() < 1e-5
         start += n
+
+
+def test_snapshot_inside_a_chunk_is_the_state_at_that_offset():
+    q, k, v, g, b, s0 = inputs(150, seed=5)
+    pool = torch.zeros(4, 4, 16, 8)
+    pool[1] = s0
+    batch = ForwardBatch.build([150], [0], [1], [[1]], 256, snapshots=[(0, 64, 2), (0, 100, 3)])
+    gated_delta_rule(q, k, v, g, b, pool, batch)
+    for off, slot in ((64, 2), (100, 3)):
+        _, s = recurrent_gated_delta_rule(q[:off], k[:off], v[:off], g[:off], b[:off], s0)
+        assert (pool[slot] - s).abs().max() < 1e-5
+    _, s = recurrent_gated_delta_rule(q, k, v, g, b, s0)
+    assert (pool[1] - s).abs().max() < 1e-5
