@@ -18,9 +18,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = field(
-        default=None, metadata={"help": "model directory (default: the built-in tiny model)"}
-    )
+    model: str | None = field(default=None, metadata={"help": "model directory (default: the built-in tiny model)"})
     dtype: str = field(
         default="auto",
         metadata={
@@ -36,9 +34,7 @@ class EngineConfig:
     )
     context_length: int | None = field(
         default=None,
-        metadata={
-            "help": "max prompt + output tokens per request (default: the model's max_position_embeddings)"
-        },
+        metadata={"help": "max prompt + output tokens per request (default: the model's max_position_embeddings)"},
     )
     page_size: int = field(default=16, metadata={"help": "tokens per KV page"})
     max_num_batched_tokens: int = field(default=4096, metadata={"help": "token budget of one engine step"})
@@ -48,31 +44,29 @@ class EngineConfig:
     mem_fraction_static: float = field(
         default=0.85, metadata={"help": "GPU: fraction of total memory for weights and caches"}
     )
-    cpu_cache_bytes: int = field(
-        default=1 << 30, metadata={"help": "CPU: bytes for KV pages and state slots"}
-    )
+    cpu_cache_bytes: int = field(default=1 << 30, metadata={"help": "CPU: bytes for KV pages and state slots"})
     max_mamba_cache_size: int | None = field(
         default=None, metadata={"help": "fix the number of recurrent-state slots (otherwise from the ratio)"}
     )
-    mamba_full_memory_ratio: float = field(
-        default=0.9, metadata={"help": "state-slot memory / KV-page memory"}
-    )
+    mamba_full_memory_ratio: float = field(default=0.9, metadata={"help": "state-slot memory / KV-page memory"})
     mamba_ssm_dtype: str = field(
         default="float32", metadata={"help": "recurrent state dtype", "choices": ("float32", "bfloat16")}
     )
-    enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV pages and state snapshots of "
-                                                                        "earlier requests (radix tree)"})
+    enable_prefix_caching: bool = field(
+        default=True, metadata={"help": "reuse KV pages and state snapshots of earlier requests (radix tree)"}
+    )
     disable_radix_cache: bool = field(default=False, metadata={"help": "SGLang's name: turn prefix caching off"})
     prefix_snapshot_interval: int = field(
-        default=512, metadata={"help": "take a state snapshot every this many tokens of prefill (a multiple of "
-                                       "--page-size)"})
-    max_prefix_snapshots: int | None = field(default=None, metadata={"help": "state slots for prefix-cache "
-                                                                            "snapshots (default: from the share)"})
-    prefix_snapshot_share: float = field(default=0.5, metadata={"help": "share of the state-slot memory that holds "
-                                                                         "prefix-cache snapshots"})
-    num_kv_pages: int | None = field(
-        default=None, metadata={"help": "fix the number of KV pages (tests, debugging)"}
+        default=512,
+        metadata={"help": "take a state snapshot every this many tokens of prefill (a multiple of --page-size)"},
     )
+    max_prefix_snapshots: int | None = field(
+        default=None, metadata={"help": "state slots for prefix-cache snapshots (default: from the share)"}
+    )
+    prefix_snapshot_share: float = field(
+        default=0.5, metadata={"help": "share of the state-slot memory that holds prefix-cache snapshots"}
+    )
+    num_kv_pages: int | None = field(default=None, metadata={"help": "fix the number of KV pages (tests, debugging)"})
     disable_tqdm: bool = field(default=False, metadata={"help": "no progress bars"})
 
     def __post_init__(self):
@@ -94,8 +88,10 @@ class EngineConfig:
         )
         need(self.mamba_full_memory_ratio > 0, "--mamba-full-memory-ratio must be > 0")
         need(self.num_kv_pages is None or self.num_kv_pages >= 1, "--num-kv-pages must be >= 1")
-        need(self.prefix_snapshot_interval >= self.page_size and self.prefix_snapshot_interval % self.page_size == 0,
-             "--prefix-snapshot-interval must be a positive multiple of --page-size")
+        need(
+            self.prefix_snapshot_interval >= self.page_size and self.prefix_snapshot_interval % self.page_size == 0,
+            "--prefix-snapshot-interval must be a positive multiple of --page-size",
+        )
         need(self.max_prefix_snapshots is None or self.max_prefix_snapshots >= 0, "--max-prefix-snapshots must be >= 0")
         need(0.0 <= self.prefix_snapshot_share < 1.0, "--prefix-snapshot-share must be in [0, 1)")
         need(self.context_length is None or self.context_length >= 2, "--context-length must be >= 2")

@@ -11,9 +11,7 @@ from nextserve.sampling_params import SamplingParams
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    parser.add_argument(
-        "--chat", action="store_true", help="wrap each prompt as a user turn with the chat template"
-    )
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -31,9 +29,7 @@ def run(args: argparse.Namespace) -> int:
     if args.chat:
         tok = llm.tokenizer
         prompts = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-            )
+            tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
             for p in prompts
         ]
     params = SamplingParams(

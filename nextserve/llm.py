@@ -35,9 +35,7 @@ class LLM:
         *,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
-        ):
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -52,9 +50,7 @@ class LLM:
             self.engine.add_request(rid, prompt, p)
             order[rid] = len(order)
         results: list[RequestOutput | None] = [None] * len(prompts)
-        bar = tqdm(
-            total=len(prompts), desc="generate", disable=not use_tqdm or self.engine.config.disable_tqdm
-        )
+        bar = tqdm(total=len(prompts), desc="generate", disable=not use_tqdm or self.engine.config.disable_tqdm)
         try:
             while any(r is None for r in results):
                 for out in self.engine.step():

@@ -116,9 +116,7 @@ class ModelConfig:
         return [i for i, t in enumerate(self.layer_types) if t == "linear_attention"]
 
     def is_moe_layer(self, i: int) -> bool:
-        return (
-            i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
-        )
+        return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
 
     @property
     def linear_key_dim(self) -> int:
@@ -172,8 +170,7 @@ class ModelConfig:
             if cfg.full_attention_interval < 1:
                 raise ConfigError("full_attention_interval must be >= 1")
             types = tuple(
-                "full_attention" if (i + 1) % cfg.full_attention_interval == 0 else "linear_attention"
-                for i in range(n)
+                "full_attention" if (i + 1) % cfg.full_attention_interval == 0 else "linear_attention" for i in range(n)
             )
             object.__setattr__(cfg, "layer_types", types)
         object.__setattr__(cfg, "rope", cfg._resolve_rope())

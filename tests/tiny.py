@@ -57,8 +57,7 @@ def hf_model(cfg: dict, seed: int = 0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             elif "norm" in name:
                 p.copy_(
-                    torch.randn(p.shape, generator=g) * 0.1
-                    + (1.0 if name.endswith("linear_attn.norm.weight") else 0.0)
+                    torch.randn(p.shape, generator=g) * 0.1 + (1.0 if name.endswith("linear_attn.norm.weight") else 0.0)
                 )
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.08)
@@ -117,9 +116,7 @@ def mtp_tensors(state: dict, cfg: dict, seed: int = 1) -> dict:
     """Synthetic mtp.* weights: layer 0 copied from the last full-attention layer, fc and norms random."""
     g = torch.Generator().manual_seed(seed)
     H = cfg["hidden_size"]
-    src = max(
-        i for i in range(cfg["num_hidden_layers"]) if (i + 1) % cfg.get("full_attention_interval", 4) == 0
-    )
+    src = max(i for i in range(cfg["num_hidden_layers"]) if (i + 1) % cfg.get("full_attention_interval", 4) == 0)
     out = {
         "mtp.fc.weight": torch.randn(H, 2 * H, generator=g) * 0.08,
         "mtp.pre_fc_norm_embedding.weight": torch.randn(H, generator=g) * 0.1,

@@ -136,17 +136,11 @@ class Engine:
             )
         return params.max_tokens if params.max_tokens is not None else limit - n
 
-    def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
-    ) -> Request:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
-        ids = (
-            self.tokenizer.encode(prompt, add_special_tokens=False)
-            if isinstance(prompt, str)
-            else list(prompt)
-        )
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
         max_tokens = self.validate_request(ids, params)
         resolved = params.resolved(self.generation_defaults)
         req = Request(request_id, ids, resolved, max_tokens)
@@ -211,9 +205,7 @@ class Engine:
             masked = ()
             if len(seq.output_ids) < p.min_tokens:
                 masked = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_ids))
-            rows.append(
-                SamplingRow(p, seq.token_ids[: seq.num_prompt], seq.output_ids, seq.generator, masked)
-            )
+            rows.append(SamplingRow(p, seq.token_ids[: seq.num_prompt], seq.output_ids, seq.generator, masked))
         out = sample(logits, build_sampling_batch(rows, logits.shape[-1], self.device))
         tokens = out.token_ids.tolist()
         lps = out.logprobs.tolist() if out.logprobs is not None else None
@@ -284,4 +276,3 @@ def _default_model_dir() -> Path:
     from nextserve.assets import DEFAULT_MODEL_DIR
 
     return Path(DEFAULT_MODEL_DIR)
-

@@ -30,9 +30,7 @@ class KVPool:
         self._free: list[int] = list(range(num_pages, 0, -1))  # pop() hands out low pages first
 
     @staticmethod
-    def bytes_per_page(
-        num_layers: int, page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
-    ) -> int:
+    def bytes_per_page(num_layers: int, page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * page_size * kv_heads * head_dim * dtype.itemsize
 
     @property

@@ -109,8 +109,6 @@ def plan_capacity(
         )
     context = cfg.context_length or mc.max_position_embeddings
     if context > pages * cfg.page_size:
-        logger.warning(
-            "context length %d exceeds the KV pool (%d tokens): capping it", context, pages * cfg.page_size
-        )
+        logger.warning("context length %d exceeds the KV pool (%d tokens): capping it", context, pages * cfg.page_size)
         context = pages * cfg.page_size
     return Capacity(slots, snapshots, int(pages), cfg.page_size, max_running, context, slot_bytes, page_bytes)

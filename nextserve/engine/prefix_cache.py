@@ -130,9 +130,11 @@ class PrefixCache:
                 node, pos = new, length
                 break
             k = 1
-            while k < len(child.pages) and pos + (k + 1) * ps <= length and tuple(
-                tokens[pos + k * ps : pos + (k + 1) * ps]
-            ) == child.tokens[k * ps : (k + 1) * ps]:
+            while (
+                k < len(child.pages)
+                and pos + (k + 1) * ps <= length
+                and tuple(tokens[pos + k * ps : pos + (k + 1) * ps]) == child.tokens[k * ps : (k + 1) * ps]
+            ):
                 k += 1
             if k < len(child.pages):
                 child = self._split(child, k)
@@ -149,8 +151,14 @@ class PrefixCache:
     def _split(self, child: Node, k: int) -> Node:
         """Cuts `child` after k pages; returns the new upper node (child keeps the rest, its snapshot, its tails)."""
         ps = self.ps
-        upper = Node(child.tokens[: k * ps], child.pages[:k], child.parent, child.start,
-                     lock=child.lock, last_used=child.last_used)
+        upper = Node(
+            child.tokens[: k * ps],
+            child.pages[:k],
+            child.parent,
+            child.start,
+            lock=child.lock,
+            last_used=child.last_used,
+        )
         child.parent.children[child.tokens[:ps]] = upper
         child.tokens, child.pages, child.start = child.tokens[k * ps :], child.pages[k:], child.start + k * ps
         child.parent = upper
@@ -252,8 +260,9 @@ class PrefixCache:
 
     def prune(self, node: Node) -> None:
         """Removes useless leaves (no snapshot, no tail, no lock) upwards from node."""
-        while (node is not self.root and not node.children and node.lock == 0 and node.snapshot is None
-               and not node.tails):
+        while (
+            node is not self.root and not node.children and node.lock == 0 and node.snapshot is None and not node.tails
+        ):
             parent = node.parent
             self._remove_leaf(node)
             node = parent

@@ -17,9 +17,7 @@ from nextserve.models.qwen3_next import Qwen3NextForCausalLM
 
 
 class ModelRunner:
-    def __init__(
-        self, model: Qwen3NextForCausalLM, kv_pool: KVPool, state_pool: StatePool, device: torch.device
-    ):
+    def __init__(self, model: Qwen3NextForCausalLM, kv_pool: KVPool, state_pool: StatePool, device: torch.device):
         self.model = model
         self.kv = kv_pool
         self.states = state_pool

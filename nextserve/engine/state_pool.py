@@ -25,9 +25,7 @@ class StatePool:
         ssm_dtype: torch.dtype,
         device: torch.device | str,
     ):
-        self.conv = torch.zeros(
-            num_layers, num_slots + 1, conv_dim, conv_width - 1, dtype=dtype, device=device
-        )
+        self.conv = torch.zeros(num_layers, num_slots + 1, conv_dim, conv_width - 1, dtype=dtype, device=device)
         self.ssm = torch.zeros(num_layers, num_slots + 1, hv, dk, dv, dtype=ssm_dtype, device=device)
         self.num_slots = num_slots
         self._free: list[int] = list(range(num_slots, 0, -1))

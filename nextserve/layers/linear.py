@@ -78,11 +78,7 @@ def column_parallel(ctx: ParallelContext, in_f: int, out_f: int, parts=None, dty
     return Linear(in_f, ctx.split(out_f, "output features"), shard_fn=split_parts(ctx, 0, parts), dtype=dtype)
 
 
-def row_parallel(
-    ctx: ParallelContext, comm: Communicator | None, in_f: int, out_f: int, dtype=None
-) -> Linear:
+def row_parallel(ctx: ParallelContext, comm: Communicator | None, in_f: int, out_f: int, dtype=None) -> Linear:
     """Input columns split across ranks; the output is all-reduced through `comm` (None: caller reduces)."""
     reduce = comm if (comm is not None and ctx.size > 1) else None
-    return Linear(
-        ctx.split(in_f, "input features"), out_f, shard_fn=split_parts(ctx, 1), comm=reduce, dtype=dtype
-    )
+    return Linear(ctx.split(in_f, "input features"), out_f, shard_fn=split_parts(ctx, 1), comm=reduce, dtype=dtype)

@@ -109,9 +109,7 @@ def _read_index(model_dir: Path) -> dict[str, Path]:
             raise CheckpointError(f"{path}: weight_map entry for {name!r} is not a file name: {file!r}")
         shard = model_dir / file
         if not shard.is_file():
-            raise CheckpointError(
-                f"{path} lists shard {file!r} (holding e.g. {name!r}) but {shard} does not exist"
-            )
+            raise CheckpointError(f"{path} lists shard {file!r} (holding e.g. {name!r}) but {shard} does not exist")
         shards[name] = shard
     return shards
 
@@ -189,8 +187,7 @@ def _check_fp8(tensors: dict[str, _TensorInfo], block: tuple[int, int] | None) -
                 raise CheckpointError(f"tensor {name!r} is stored as {info.dtype} but fmt is e4m3")
             if not name.endswith(".weight") or len(info.shape) != 2:
                 raise CheckpointError(
-                    f"FP8 tensor {name!r} of shape {list(info.shape)} is not a 2-D '.weight'; "
-                    "cannot dequantise it"
+                    f"FP8 tensor {name!r} of shape {list(info.shape)} is not a 2-D '.weight'; cannot dequantise it"
                 )
             scale = tensors.get(name + SCALE_SUFFIX)
             if scale is None:

@@ -74,9 +74,7 @@ def dequantize_block_fp8(
     return w.to(dtype).contiguous()
 
 
-def quantize_block_fp8(
-    w: torch.Tensor, block: tuple[int, int] = (128, 128)
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_block_fp8(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise a 2-D floating tensor to (Wq float8_e4m3fn [out, in], scale_inv fp32 [ob, ib]).
 
     Each block's scale is amax / 448, so the block's largest magnitude lands on e4m3's largest finite value.

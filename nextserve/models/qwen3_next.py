@@ -67,9 +67,7 @@ class Qwen3NextAttention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # [pages, page_size, Hkv, D], bound by the engine
         self.v_cache: torch.Tensor | None = None
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T, D = x.shape[0], self.head_dim
         q, gate = self.q_proj(x).view(T, self.num_heads, 2 * D).split(D, dim=-1)  # [T, Hq, D] each
         q = apply_rotary(self.q_norm(q), cos, sin)
@@ -144,9 +142,7 @@ class Qwen3NextGatedDeltaNet(nn.Module):
 class Qwen3NextMLP(nn.Module):
     """SwiGLU MLP (the shared expert, and dense layers listed in mlp_only_layers)."""
 
-    def __init__(
-        self, H: int, inter: int, ctx: ParallelContext, comm: Communicator | None, dtype: torch.dtype
-    ):
+    def __init__(self, H: int, inter: int, ctx: ParallelContext, comm: Communicator | None, dtype: torch.dtype):
         super().__init__()
         self.gate_proj = column_parallel(ctx, H, inter, dtype=dtype)
         self.up_proj = column_parallel(ctx, H, inter, dtype=dtype)
@@ -176,9 +172,7 @@ class Qwen3NextSparseMoeBlock(nn.Module):
         self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = Linear(cfg.hidden_size, cfg.num_experts, dtype=dtype)  # router, replicated
         self.experts = Qwen3NextExperts(cfg, ctx, dtype)
-        self.shared_expert = Qwen3NextMLP(
-            cfg.hidden_size, cfg.shared_expert_intermediate_size, ctx, None, dtype
-        )
+        self.shared_expert = Qwen3NextMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, ctx, None, dtype)
         self.shared_expert_gate = Linear(cfg.hidden_size, 1, dtype=dtype)
         self.comm = comm
 
@@ -220,8 +214,7 @@ class Qwen3NextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            Qwen3NextDecoderLayer(cfg, t, cfg.is_moe_layer(i), ctx, comm, dtype)
-            for i, t in enumerate(cfg.layer_types)
+            Qwen3NextDecoderLayer(cfg, t, cfg.is_moe_layer(i), ctx, comm, dtype) for i, t in enumerate(cfg.layer_types)
         )
         self.norm = Qwen3NextRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(cfg.rope)
@@ -248,9 +241,7 @@ class Qwen3NextMTP(nn.Module):
         self.layers = nn.ModuleList([Qwen3NextDecoderLayer(cfg, "full_attention", True, ctx, comm, dtype)])
         self.norm = Qwen3NextRMSNorm(H, cfg.rms_norm_eps, dtype)
 
-    def forward(
-        self, embeds: torch.Tensor, hidden: torch.Tensor, cos, sin, batch: ForwardBatch
-    ) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos, sin, batch: ForwardBatch) -> torch.Tensor:
         """embeds: embedding of token t+1 [T, H]; hidden: target's normed hidden at t [T, H] -> normed [T, H]."""
         u = self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
         return self.norm(self.layers[0](u, cos, sin, batch))

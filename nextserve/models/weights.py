@@ -19,9 +19,7 @@ from nextserve.layers.linear import load_param
 
 logger = logging.getLogger(__name__)
 
-_EXPERT = re.compile(
-    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
-)
+_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 # Buffers some checkpoints carry that have no parameter here.
 _SKIP = re.compile(r"(rotary_emb\.inv_freq|\.weight_scale_inv)$")
 
@@ -48,9 +46,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
             expert_rows.setdefault(m["prefix"], set()).add((int(m["e"]), m["proj"]))
             continue
         if name not in params:
-            raise WeightsError(
-                f"unexpected tensor {name!r} in the checkpoint (no such parameter in the model)"
-            )
+            raise WeightsError(f"unexpected tensor {name!r} in the checkpoint (no such parameter in the model)")
         try:
             load_param(params[name], tensor, name)
         except ValueError as e:
@@ -62,14 +58,10 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
     # Packed experts count as loaded when every (expert, projection) arrived, or when the fused tensor did.
     for prefix, seen in expert_rows.items():
         n_exp = params[prefix + ".gate_up_proj"].shape[0]
-        missing = [
-            (e, p) for e in range(n_exp) for p in ("gate_proj", "up_proj", "down_proj") if (e, p) not in seen
-        ]
+        missing = [(e, p) for e in range(n_exp) for p in ("gate_proj", "up_proj", "down_proj") if (e, p) not in seen]
         if missing:
             e, p = missing[0]
-            raise WeightsError(
-                f"missing tensor {prefix}.{e}.{p}.weight (and {len(missing) - 1} more expert tensors)"
-            )
+            raise WeightsError(f"missing tensor {prefix}.{e}.{p}.weight (and {len(missing) - 1} more expert tensors)")
         loaded.update({prefix + ".gate_up_proj", prefix + ".down_proj"})
     tied = getattr(model, "config", None) is not None and model.config.tie_word_embeddings
     if tied:
@@ -88,9 +80,7 @@ def _load_expert(params: dict[str, nn.Parameter], m: re.Match, tensor: torch.Ten
     if param is None:
         raise WeightsError(f"unexpected tensor {name!r} in the checkpoint (this layer has no routed experts)")
     if e >= param.shape[0]:
-        raise WeightsError(
-            f"tensor {name!r}: expert {e} out of range (the model has {param.shape[0]} experts)"
-        )
+        raise WeightsError(f"tensor {name!r}: expert {e} out of range (the model has {param.shape[0]} experts)")
     if tuple(tensor.shape) != param.expert_shape:
         raise WeightsError(f"tensor {name!r} has shape {tuple(tensor.shape)}; expected {param.expert_shape}")
     # Shard one expert through the packed parameter's shard_fn by giving it a leading expert axis of 1.

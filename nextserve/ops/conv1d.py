@@ -30,9 +30,7 @@ def causal_conv1d(
         slot = int(batch.state_slots[b])
         # [C, K-1+n]: the saved window, then this step's inputs.
         u = torch.cat([conv_states[slot].to(x.dtype), x[start : start + n].t()], dim=1)
-        y = F.conv1d(u.unsqueeze(0).to(weight.dtype), weight.unsqueeze(1), groups=weight.shape[0])[
-            0
-        ]  # [C, n]
+        y = F.conv1d(u.unsqueeze(0).to(weight.dtype), weight.unsqueeze(1), groups=weight.shape[0])[0]  # [C, n]
         out[start : start + n] = F.silu(y).t().to(x.dtype)
         for o, dst in batch.snapshots_of(b):
             conv_states[dst] = u[:, o : o + k1].to(conv_states.dtype)

@@ -71,9 +71,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk: int = CHUNK):
     eye = torch.eye(chunk, dtype=q.dtype, device=q.device)
     # Tm = (I + L)^-1 by a unit-lower-triangular solve; U = Tm diag(beta) V, W = Tm diag(beta exp(gamma)) K
     u = torch.linalg.solve_triangular(eye + lower, v * beta[..., None], upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(
-        eye + lower, kb * gamma.exp()[..., None], upper=False, unitriangular=True
-    )
+    w = torch.linalg.solve_triangular(eye + lower, kb * gamma.exp()[..., None], upper=False, unitriangular=True)
     attn = (q @ k.transpose(-1, -2)) * decay  # intra-chunk, masked to i >= j by decay
     q_dec = q * gamma.exp()[..., None]
     k_dec = k * (gamma[..., -1:] - gamma).exp()[..., None]

@@ -111,8 +111,8 @@ def test_abort_mid_prefill_then_resubmit(tiny_model_dir, off):
 
 
 def test_preemption_and_eviction_pressure(tiny_model_dir, off):
-    # 24 pages of 16 tokens and 2 snapshot slots: the tree must evict continuously.
-    llm = make(tiny_model_dir, True, num_kv_pages=24, max_prefix_snapshots=2, max_num_batched_tokens=48)
+    # 12 pages of 16 tokens and 2 snapshot slots: the tree must evict continuously, and sequences preempt.
+    llm = make(tiny_model_dir, True, num_kv_pages=12, max_prefix_snapshots=2, max_num_batched_tokens=48)
     system = rand_ids(64, 8)
     prompts = [system + rand_ids(10 + 7 * i, 40 + i) for i in range(8)] + [rand_ids(90, 9)] * 2
     outs = llm.generate(prompts, GREEDY)
@@ -127,8 +127,9 @@ def test_preemption_and_eviction_pressure(tiny_model_dir, off):
 
 def test_randomized_operations_keep_tree_and_pools_consistent(tiny_model_dir):
     """Thousands of operations (add with shared prefixes, step, abort, under pool pressure); integrity after each."""
-    llm = make(tiny_model_dir, True, num_kv_pages=40, max_prefix_snapshots=3, max_num_batched_tokens=40,
-               max_mamba_cache_size=3)
+    llm = make(
+        tiny_model_dir, True, num_kv_pages=40, max_prefix_snapshots=3, max_num_batched_tokens=40, max_mamba_cache_size=3
+    )
     eng = llm.engine
     rng = random.Random(0)
     prefixes = [rand_ids(rng.randint(1, 60), 100 + i) for i in range(4)]
@@ -141,8 +142,11 @@ def test_randomized_operations_keep_tree_and_pools_consistent(tiny_model_dir):
                 continue
             rid = f"r{n_req}"
             n_req += 1
-            eng.add_request(rid, p, SamplingParams(temperature=0, max_tokens=rng.randint(1, 6), ignore_eos=True,
-                                                   n=rng.choice([1, 1, 2])))
+            eng.add_request(
+                rid,
+                p,
+                SamplingParams(temperature=0, max_tokens=rng.randint(1, 6), ignore_eos=True, n=rng.choice([1, 1, 2])),
+            )
             live.add(rid)
         elif r < 0.35 and live:
             rid = rng.choice(sorted(live))

@@ -32,9 +32,7 @@ def _tensors() -> dict[str, torch.Tensor]:
         "model.layers.0.self_attn.q_proj.weight": torch.randn(200, 300, generator=gen).to(torch.bfloat16),
         "model.layers.0.input_layernorm.weight": torch.randn(16, generator=gen),
         "model.layers.0.linear_attn.A_log": torch.randn(4, generator=gen).to(torch.bfloat16),
-        "model.layers.0.mlp.experts.0.down_proj.weight": torch.randn(129, 64, generator=gen).to(
-            torch.bfloat16
-        ),
+        "model.layers.0.mlp.experts.0.down_proj.weight": torch.randn(129, 64, generator=gen).to(torch.bfloat16),
         "model.position_ids": torch.arange(7),
     }
 
@@ -97,12 +95,8 @@ def test_sharded_by_safetensors_with_hand_made_index(tmp_path):
     names = list(tensors)
     save_file({n: tensors[n] for n in names[:2]}, str(tmp_path / "a-part.safetensors"))
     # The second shard holds an extra tensor the index does not list: the index is authoritative.
-    save_file(
-        {n: tensors[n] for n in names[2:]} | {"stray": torch.ones(2)}, str(tmp_path / "b-part.safetensors")
-    )
-    _write_index(
-        tmp_path, {n: "a-part.safetensors" if i < 2 else "b-part.safetensors" for i, n in enumerate(names)}
-    )
+    save_file({n: tensors[n] for n in names[2:]} | {"stray": torch.ones(2)}, str(tmp_path / "b-part.safetensors"))
+    _write_index(tmp_path, {n: "a-part.safetensors" if i < 2 else "b-part.safetensors" for i, n in enumerate(names)})
     _assert_same(_load(tmp_path), tensors)
 
 
@@ -147,9 +141,7 @@ def _skip_norms(name: str) -> bool:
     return "norm" in name or "embed" in name
 
 
-@pytest.mark.parametrize(
-    "max_shard_bytes", [None, 1]
-)  # 1: every tensor in its own shard, scales apart from weights
+@pytest.mark.parametrize("max_shard_bytes", [None, 1])  # 1: every tensor in its own shard, scales apart from weights
 def test_fp8_round_trip(tmp_path, max_shard_bytes):
     tensors = _tensors()
     write_checkpoint(
@@ -196,9 +188,7 @@ def test_fp8_hand_made_default_block_and_odd_block(tmp_path):
     wq, s = quantize_block_fp8(w, (128, 128))
     quant = dict(FP8_CONFIG)
     del quant["weight_block_size"]  # absent means [128, 128]
-    got = _load(
-        _fp8_dir(tmp_path / "a", {"m.weight": wq, "m.weight_scale_inv": s}, quant), dtype=torch.float32
-    )
+    got = _load(_fp8_dir(tmp_path / "a", {"m.weight": wq, "m.weight_scale_inv": s}, quant), dtype=torch.float32)
     expanded = s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :130]
     torch.testing.assert_close(got["m.weight"], wq.float() * expanded, rtol=0, atol=0)
 
@@ -274,16 +264,12 @@ def test_fp8_weight_without_scale(tmp_path):
 def test_fp8_scale_of_wrong_shape(tmp_path):
     wq, s = quantize_block_fp8(torch.randn(200, 300))
     assert tuple(s.shape) == (2, 3)
-    d = _fp8_dir(
-        tmp_path, {"layers.0.q_proj.weight": wq, "layers.0.q_proj.weight_scale_inv": s[:, :2].contiguous()}
-    )
+    d = _fp8_dir(tmp_path, {"layers.0.q_proj.weight": wq, "layers.0.q_proj.weight_scale_inv": s[:, :2].contiguous()})
     _raises(d, "layers.0.q_proj.weight_scale_inv", "[2, 2]", "[2, 3]")
 
 
 def test_fp8_scale_without_weight(tmp_path):
-    d = _fp8_dir(
-        tmp_path, {"other.weight": torch.ones(2), "layers.0.o_proj.weight_scale_inv": torch.ones(1, 1)}
-    )
+    d = _fp8_dir(tmp_path, {"other.weight": torch.ones(2), "layers.0.o_proj.weight_scale_inv": torch.ones(1, 1)})
     _raises(d, "layers.0.o_proj.weight_scale_inv", "no weight")
 
 
@@ -295,9 +281,7 @@ def test_fp8_scale_without_quantization_config(tmp_path):
 
 def test_fp8_tensor_in_wrong_format(tmp_path):
     w = torch.randn(8, 8).to(torch.float8_e5m2)
-    _raises(
-        _fp8_dir(tmp_path, {"m.weight": w, "m.weight_scale_inv": torch.ones(1, 1)}), "m.weight", "F8_E5M2"
-    )
+    _raises(_fp8_dir(tmp_path, {"m.weight": w, "m.weight_scale_inv": torch.ones(1, 1)}), "m.weight", "F8_E5M2")
 
 
 @pytest.mark.parametrize(

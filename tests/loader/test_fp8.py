@@ -49,9 +49,7 @@ def test_dequantize_matches_gather_reference(shape, block):
     )
 
 
-@pytest.mark.parametrize(
-    "shape,block", [((300, 200), (128, 128)), ((128, 128), (128, 128)), ((7, 45), (4, 16))]
-)
+@pytest.mark.parametrize("shape,block", [((300, 200), (128, 128)), ((128, 128), (128, 128)), ((7, 45), (4, 16))])
 def test_round_trip_within_e4m3_rounding(shape, block):
     gen = torch.Generator().manual_seed(1)
     # Vary magnitude per row so blocks have very different scales and many values fall in the subnormal range.
@@ -65,9 +63,7 @@ def test_round_trip_within_e4m3_rounding(shape, block):
     amax = torch.empty(scale.shape)
     for bi in range(scale.shape[0]):  # small reference loop, fine in a test
         for bj in range(scale.shape[1]):
-            amax[bi, bj] = (
-                w[bi * block[0] : (bi + 1) * block[0], bj * block[1] : (bj + 1) * block[1]].abs().max()
-            )
+            amax[bi, bj] = w[bi * block[0] : (bi + 1) * block[0], bj * block[1] : (bj + 1) * block[1]].abs().max()
     torch.testing.assert_close(scale, amax / FP8_MAX)
 
     back = dequantize_block_fp8(wq, scale, block, torch.float32)

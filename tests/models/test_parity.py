@@ -93,9 +93,7 @@ def test_yarn_changes_logits():
     """A YaRN config must not silently fall back to plain RoPE (the transformers factor bug of 2025)."""
     mc = ModelConfig.from_dict(CONFIGS["yarn-sparse-step"])
     assert mc.rope.yarn_factor == 4.0
-    plain = ModelConfig.from_dict(
-        {k: v for k, v in CONFIGS["yarn-sparse-step"].items() if k != "rope_scaling"}
-    )
+    plain = ModelConfig.from_dict({k: v for k, v in CONFIGS["yarn-sparse-step"].items() if k != "rope_scaling"})
     from nextserve.layers.rotary import rope_inv_freq
 
     f_yarn, s_yarn = rope_inv_freq(mc.rope)

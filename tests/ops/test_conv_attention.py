@@ -33,9 +33,7 @@ def test_paged_attention_with_cached_prefix_matches_dense():
     pages = [7, 2, 9, 4]  # scattered pages
     # prefix of 9 tokens first, then 4 more with the prefix cached
     paged_attention(q[:9], k[:9], v[:9], kc, vc, ForwardBatch.build([9], [0], [1], [pages], ps), D**-0.5)
-    out = paged_attention(
-        q[9:], k[9:], v[9:], kc, vc, ForwardBatch.build([4], [9], [1], [pages], ps), D**-0.5
-    )
+    out = paged_attention(q[9:], k[9:], v[9:], kc, vc, ForwardBatch.build([4], [9], [1], [pages], ps), D**-0.5)
     mask = torch.ones(L, L, dtype=torch.bool).tril()
     ref = F.scaled_dot_product_attention(
         q.transpose(0, 1),
