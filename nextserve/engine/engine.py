@@ -255,20 +255,32 @@ class Engine:
         self.scheduler.check_integrity()
 
     def stats(self) -> dict[str, float]:
+        """Point-in-time gauges and cumulative counters (the server's /metrics reads these)."""
+        running = self.scheduler.running
+        cache = self.prefix_cache
+        # Pages "used by requests": private pages of running sequences and tree pages on a locked path; the
+        # rest of the tree's pages are a cache that eviction can take back at any time.
+        private = sum(len(s.pages) - s.num_shared_pages for s in running)
+        tree_pages = locked_tree = 0
+        if cache is not None:
+            for node in cache.iter_nodes():
+                tree_pages += len(node.pages) + len(node.tails)
+                locked_tree += len(node.pages) if node.lock else 0
         return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-            "kv_pages_used": self.kv_pool.num_used,
+            "num_running": len({s.request.request_id for s in running}),
+            "num_waiting": len({s.request.request_id for s in self.scheduler.waiting}),
+            "kv_pages_used": private + locked_tree,
+            "kv_pages_cached": tree_pages - locked_tree,
             "kv_pages_total": self.kv_pool.num_pages,
-            "state_slots_used": self.state_pool.num_used,
-            "state_slots_total": self.state_pool.num_slots,
+            "state_slots_used": len(running),
+            "state_slots_total": self.capacity.num_slots,
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
-            "prefix_cache_queried_tokens": self.prefix_cache.queried_tokens if self.prefix_cache else 0,
-            "prefix_cache_hit_tokens": self.prefix_cache.hit_tokens if self.prefix_cache else 0,
-            "prefix_cache_snapshots": self.prefix_cache.num_snapshots if self.prefix_cache else 0,
-            "prefix_cache_snapshot_evictions": self.prefix_cache.snapshot_evictions if self.prefix_cache else 0,
+            "prefix_cache_queried_tokens": cache.queried_tokens if cache else 0,
+            "prefix_cache_hit_tokens": cache.hit_tokens if cache else 0,
+            "prefix_cache_snapshots": cache.num_snapshots if cache else 0,
+            "prefix_cache_snapshot_evictions": cache.snapshot_evictions if cache else 0,
         }
 
 

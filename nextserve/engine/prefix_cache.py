@@ -197,7 +197,7 @@ class PrefixCache:
         self.num_snapshots -= 1
 
     # ---- eviction ------------------------------------------------------------------------------------------
-    def _nodes(self):
+    def iter_nodes(self):
         stack = [self.root]
         while stack:
             n = stack.pop()
@@ -207,7 +207,7 @@ class PrefixCache:
     def evict_snapshots(self, n: int) -> int:
         """Frees up to n snapshots, least recently used first; returns how many were freed."""
         entries = []  # (last_used, node, tail or None)
-        for node in self._nodes():
+        for node in self.iter_nodes():
             if node.snapshot is not None:
                 entries.append((node.last_used, id(node), node, None))
             for tail in node.tails.values():
@@ -234,7 +234,7 @@ class PrefixCache:
         """Frees at least n KV pages from unlocked leaves, least recently used first (as far as possible)."""
         freed = 0
         while freed < n:
-            leaves = [x for x in self._nodes() if x is not self.root and not x.children and x.lock == 0]
+            leaves = [x for x in self.iter_nodes() if x is not self.root and not x.children and x.lock == 0]
             if not leaves:
                 break
             leaf = min(leaves, key=lambda x: x.last_used)
@@ -276,7 +276,7 @@ class PrefixCache:
     def owned(self) -> tuple[list[int], list[int]]:
         """(pages, slots) owned by the tree, for the pools' integrity check."""
         pages, slots = [], []
-        for node in self._nodes():
+        for node in self.iter_nodes():
             pages += node.pages
             if node.snapshot is not None:
                 slots.append(node.snapshot)
@@ -287,7 +287,7 @@ class PrefixCache:
 
     def check(self) -> None:
         n = 0
-        for node in self._nodes():
+        for node in self.iter_nodes():
             if node is not self.root:
                 assert len(node.tokens) == len(node.pages) * self.ps and node.tokens
                 assert node.parent.children[node.tokens[: self.ps]] is node

@@ -260,7 +260,7 @@ async def _completions(srv: _Server, request: Request, req: CompletionRequest) -
     def logprobs_of(o: Any, start: int, offset: int) -> dict[str, Any] | None:
         if not want_logprobs or o.logprobs is None:
             return None
-        return srv.token_text.completion_logprobs(o.logprobs[start:], offset)
+        return srv.token_text.completion_logprobs(o.logprobs[start:], offset, as_ids=req.return_tokens_as_token_ids)
 
     if not req.stream:
         finals = await _unless_disconnected(request, _all_last(streams))

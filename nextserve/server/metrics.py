@@ -24,10 +24,12 @@ PREFIX = "nextserve:"
 _GAUGES = [
     ("num_requests_running", "num_running", "Requests in the running batch"),
     ("num_requests_waiting", "num_waiting", "Requests waiting to be scheduled"),
-    ("kv_pages_used", "kv_pages_used", "KV-cache pages in use"),
+    ("kv_pages_used", "kv_pages_used", "KV-cache pages in use by requests"),
+    ("kv_pages_cached", "kv_pages_cached", "KV-cache pages held only by the prefix cache (evictable)"),
     ("kv_pages_total", "kv_pages_total", "KV-cache pages in the pool"),
-    ("state_slots_used", "state_slots_used", "Recurrent-state slots in use"),
-    ("state_slots_total", "state_slots_total", "Recurrent-state slots in the pool"),
+    ("state_slots_used", "state_slots_used", "Recurrent-state slots in use by requests"),
+    ("state_slots_total", "state_slots_total", "Recurrent-state slots for requests"),
+    ("prefix_cache_snapshots", "prefix_cache_snapshots", "State snapshots held by the prefix cache"),
 ]
 # Counters are cumulative in the engine; prometheus adds the `_total` suffix to these names.
 _COUNTERS = [
@@ -36,6 +38,7 @@ _COUNTERS = [
     ("num_preemptions", "num_preemptions", "Sequences preempted (cumulative)"),
     ("prefix_cache_queries", "prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache"),
     ("prefix_cache_hits", "prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache"),
+    ("prefix_cache_snapshot_evictions", "prefix_cache_snapshot_evictions", "Prefix-cache snapshots evicted"),
 ]
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0)

@@ -247,6 +247,8 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
+    # vLLM's extension: logprob tokens as "token_id:<id>", so a client can continue from the exact ids.
+    return_tokens_as_token_ids: bool = False
 
     @model_validator(mode="after")
     def _completion_supported(self) -> CompletionRequest:
@@ -380,15 +382,22 @@ class TokenText:
             out.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": top})
         return out
 
-    def completion_logprobs(self, entries: list[TokenLogprob], text_offset: int) -> dict[str, Any]:
-        """OpenAI text-completion `logprobs`; offsets count from `text_offset` (where this piece starts)."""
+    def completion_logprobs(
+        self, entries: list[TokenLogprob], text_offset: int, as_ids: bool = False
+    ) -> dict[str, Any]:
+        """OpenAI text-completion `logprobs`; offsets count from `text_offset` (where this piece starts).
+        With `as_ids`, tokens are spelled "token_id:<id>" (vLLM's return_tokens_as_token_ids)."""
         tokens, values, tops, offsets = [], [], [], []
+
+        def name(tid: int) -> str:
+            return f"token_id:{tid}" if as_ids else self(tid)[0]
+
         for e in entries:
             text = self(e.token_id)[0]
-            tokens.append(text)
+            tokens.append(name(e.token_id))
             values.append(e.logprob)
-            top = {self(tid)[0]: lp for tid, lp in e.top}
-            top.setdefault(text, e.logprob)  # "the most likely tokens, as well as the chosen one" (OpenAI)
+            top = {name(tid): lp for tid, lp in e.top}
+            top.setdefault(name(e.token_id), e.logprob)  # "the most likely tokens, as well as the chosen one"
             tops.append(top)
             offsets.append(text_offset)
             text_offset += len(text)
