@@ -89,7 +89,7 @@ def test_identical_prompt_reuses_all_but_an_interval(client):
 
 
 def test_multi_turn_reuses_previous_prompt_and_reply(client):
-    prompt = ids(100, 3)
+    prompt, previous = ids(100, 3), 0
     for k in range(3):
         r = client.completions.create(
             model=MODEL,
