@@ -21,6 +21,7 @@ _COMMANDS = [
         "serving load generator against an OpenAI-compatible server",
     ),
     (("bench", "offline"), "nextserve.bench.offline", "batched vs one-at-a-time offline generation throughput"),
+    (("bench", "prefix"), "nextserve.bench.prefix", "time to first token with prefix caching on vs off"),
     (("eval", "gsm8k"), "nextserve.eval.gsm8k", "GSM8K few-shot accuracy against a server"),
     (("eval", "mmlu"), "nextserve.eval.mmlu", "MMLU few-shot accuracy against a server"),
 ]

@@ -66,6 +66,25 @@ class EngineConfig:
     prefix_snapshot_share: float = field(
         default=0.5, metadata={"help": "share of the state-slot memory that holds prefix-cache snapshots"}
     )
+    speculative_algorithm: str | None = field(
+        default=None,
+        metadata={
+            "help": "NEXTN (alias MTP): speculative decoding with the model's MTP head",
+            "choices": ("NEXTN", "MTP"),
+        },
+    )
+    speculative_num_steps: int = field(default=3, metadata={"help": "max draft tokens per step (MTP steps)"})
+    speculative_eagle_topk: int = field(default=1, metadata={"help": "draft branching; only 1 (a chain) is supported"})
+    speculative_num_draft_tokens: int | None = field(
+        default=None, metadata={"help": "tokens verified per step; with topk 1 it must be num_steps + 1"}
+    )
+    speculative_adaptive: bool = field(
+        default=True,
+        metadata={
+            "help": "choose the number of drafts per step from batch size and measured "
+            "acceptance (--no-speculative-adaptive: always num_steps)"
+        },
+    )
     num_kv_pages: int | None = field(default=None, metadata={"help": "fix the number of KV pages (tests, debugging)"})
     disable_tqdm: bool = field(default=False, metadata={"help": "no progress bars"})
 
@@ -94,6 +113,13 @@ class EngineConfig:
         )
         need(self.max_prefix_snapshots is None or self.max_prefix_snapshots >= 0, "--max-prefix-snapshots must be >= 0")
         need(0.0 <= self.prefix_snapshot_share < 1.0, "--prefix-snapshot-share must be in [0, 1)")
+        need(self.speculative_algorithm in (None, "NEXTN", "MTP"), "--speculative-algorithm must be NEXTN or MTP")
+        need(1 <= self.speculative_num_steps <= 8, "--speculative-num-steps must be in [1, 8]")
+        need(self.speculative_eagle_topk == 1, "--speculative-eagle-topk: only 1 (chain drafting) is supported")
+        need(
+            self.speculative_num_draft_tokens in (None, self.speculative_num_steps + 1),
+            "--speculative-num-draft-tokens must be --speculative-num-steps + 1 with topk 1",
+        )
         need(self.context_length is None or self.context_length >= 2, "--context-length must be >= 2")
         need(self.dtype in _DTYPES, f"--dtype must be one of {_DTYPES}")
         need(self.mamba_ssm_dtype in ("float32", "bfloat16"), "--mamba-ssm-dtype must be float32 or bfloat16")
@@ -103,6 +129,10 @@ class EngineConfig:
         )
         if self.json_model_override_args is not None:
             self.model_overrides()  # validates the JSON
+
+    @property
+    def speculative(self) -> bool:
+        return self.speculative_algorithm is not None
 
     @property
     def prefix_caching(self) -> bool:

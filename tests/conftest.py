@@ -17,3 +17,13 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-model")
     write_tiny_checkpoint(path, engine_config())
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mtp_model_dir(tmp_path_factory):
+    """The tiny random checkpoint plus synthetic mtp.* weights (speculative decoding tests)."""
+    from tiny import engine_config, write_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny-mtp-model")
+    write_tiny_checkpoint(path, engine_config(), mtp=True)
+    return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from nextserve.engine.request import Request, Sequence
 from nextserve.engine.runner import ModelRunner
 from nextserve.engine.sampler import SamplingRow, build_sampling_batch, sample
 from nextserve.engine.scheduler import ScheduledSeq, Scheduler
+from nextserve.engine.spec_decode import SpecDecoder
 from nextserve.engine.state_pool import StatePool
 from nextserve.loader.model_loader import load_generation_defaults, load_model, load_tokenizer
 from nextserve.model_config import ModelConfig
@@ -57,7 +59,12 @@ class Engine:
         self.generation_defaults = load_generation_defaults(model_dir)
         torch.manual_seed(cfg.seed)
         self.model = load_model(
-            model_dir, self.model_config, dtype=self.dtype, device=self.device, progress=not cfg.disable_tqdm
+            model_dir,
+            self.model_config,
+            dtype=self.dtype,
+            device=self.device,
+            with_mtp=cfg.speculative,
+            progress=not cfg.disable_tqdm,
         )
         self.capacity = self._plan_capacity()
         logger.info("nextserve capacity: %s", self.capacity.describe())
@@ -83,6 +90,7 @@ class Engine:
             self.dtype,
             getattr(torch, cfg.mamba_ssm_dtype),
             self.device,
+            num_scratch=self.capacity.num_scratch_slots,
         )
         self.runner = ModelRunner(self.model, self.kv_pool, self.state_pool, self.device)
         self.prefix_cache = None
@@ -93,6 +101,10 @@ class Engine:
         )
         eos = self.generation_defaults.get("eos_token_id", [])
         self.eos_ids = set(self.model_config.eos_token_ids) | set(eos if isinstance(eos, list) else [eos])
+        self.spec = None
+        if cfg.speculative:
+            self.spec = SpecDecoder(self, cfg.speculative_num_steps, adaptive=cfg.speculative_adaptive)
+        self._finishing: list[Sequence] = []
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.prompt_tokens_total = 0
@@ -180,16 +192,32 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        t_start = time.perf_counter()
         sampling = [s for s in scheduled if s.samples]
+        prefilled = [s.seq for s in sampling if not s.draft and s.num_tokens > 1]
         snapshots = self.scheduler.plan_snapshots(scheduled, self.config.prefix_snapshot_interval)
-        logits = self.runner.execute(scheduled, snapshots)
+        scratch = self.spec.plan_scratch(scheduled) if self.spec else []
+        hidden, logits = self.runner.execute(scheduled, snapshots + scratch)
+        starts = {}  # seq_id -> (first position, first hidden row) of what this step computed
+        row = 0
         for s in scheduled:
-            s.seq.num_cached += s.num_tokens
+            starts[s.seq.seq_id] = (s.seq.num_cached, row)
+            row += s.num_tokens
+            if not s.draft:
+                s.seq.num_cached += s.num_tokens
         # Before sampling: a sequence that finishes now donates its cache, so snapshots must be in place first.
-        self.scheduler.commit_snapshots(scheduled, snapshots, [s.seq for s in sampling if s.num_tokens > 1])
+        self.scheduler.commit_snapshots(scheduled, snapshots, prefilled)
+        self._finishing: list[Sequence] = []
         touched: dict[str, Request] = {}
-        if sampling:
-            self._sample_and_append(sampling, logits, touched)
+        new_tokens = self._sample(sampling, logits, scratch, scheduled)
+        t_target = time.perf_counter() - t_start
+        if self.spec is not None:
+            self._draft(scheduled, hidden, starts, t_target, sum(s.num_tokens for s in scheduled))
+        for seq in self._finishing:
+            self.scheduler.finish(seq)
+        for s in sampling:
+            touched[s.seq.request.request_id] = s.seq.request
+        del new_tokens
         outputs = []
         for rid, req in touched.items():
             outputs.append(req.output())
@@ -197,28 +225,88 @@ class Engine:
                 self.requests.pop(rid, None)
         return outputs
 
-    def _sample_and_append(self, sampling: list[ScheduledSeq], logits: torch.Tensor, touched: dict) -> None:
-        rows = []
+    def sampling_row(self, seq: Sequence, extra_output: list[int] = ()) -> SamplingRow:
+        p = seq.params
+        output = seq.output_ids + list(extra_output)
+        masked = ()
+        if len(output) < p.min_tokens:
+            masked = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_ids))
+        return SamplingRow(p, seq.token_ids[: seq.num_prompt], output, seq.generator, masked)
+
+    def _sample(self, sampling: list[ScheduledSeq], logits: torch.Tensor, scratch, scheduled) -> dict:
+        """Samples (or verifies) every sampling row group and appends the new tokens."""
+        plain = [i for i, s in enumerate(sampling) if not s.draft]
+        offsets, r = [], 0
         for s in sampling:
-            seq = s.seq
-            p = seq.params
-            masked = ()
-            if len(seq.output_ids) < p.min_tokens:
-                masked = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_ids))
-            rows.append(SamplingRow(p, seq.token_ids[: seq.num_prompt], seq.output_ids, seq.generator, masked))
-        out = sample(logits, build_sampling_batch(rows, logits.shape[-1], self.device))
-        tokens = out.token_ids.tolist()
-        lps = out.logprobs.tolist() if out.logprobs is not None else None
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+            offsets.append(r)
+            r += s.num_tokens if s.draft else 1
+        appended = {}
+        if plain:
+            rows = [self.sampling_row(sampling[i].seq) for i in plain]
+            plain_logits = logits[[offsets[i] for i in plain]]
+            out = sample(plain_logits, build_sampling_batch(rows, logits.shape[-1], self.device))
+            for j, tok in enumerate(out.token_ids.tolist()):
+                appended[sampling[plain[j]].seq.seq_id] = (sampling[plain[j]], [tok], plain_logits[j : j + 1])
+        scratch_of = {}
+        for b, offset, slot in scratch:
+            scratch_of.setdefault(scheduled[b].seq.seq_id, {})[offset] = slot
         for i, s in enumerate(sampling):
+            if not s.draft:
+                continue
             seq = s.seq
-            if seq.params.logprobs is not None:
-                k = seq.params.logprobs
-                top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids is not None else []
-                seq.logprobs = (seq.logprobs or []) + [TokenLogprob(tokens[i], lps[i], top)]
-            self._append_token(seq, tokens[i])
-            touched[seq.request.request_id] = seq.request
+            group = logits[offsets[i] : offsets[i] + s.num_tokens]
+            rows = [self.sampling_row(seq, s.draft[:j]) for j in range(s.num_tokens)]
+            tokens = self.spec.verify(s, group, rows)
+            consumed = len(tokens)  # last sampled token + accepted drafts are now cached
+            seq.num_cached += consumed
+            slots = scratch_of.get(seq.seq_id, {})
+            if consumed < s.num_tokens:
+                self.state_pool.copy_slot(slots[consumed], seq.slot)  # commit the state of the last accepted token
+            # Pages past what the next step needs held rejected positions: give them back.
+            keep = self.kv_pool.pages_for(seq.num_cached + 1)
+            if len(seq.pages) > keep:
+                self.kv_pool.free(seq.pages[keep:])
+                del seq.pages[keep:]
+            appended[seq.seq_id] = (s, tokens, group[: len(tokens)])
+        if scratch:
+            self.state_pool.free_scratch([slot for _, _, slot in scratch])
+        for s, tokens, rows_logits in appended.values():
+            self._append_tokens(s.seq, tokens, rows_logits)
+        return appended
+
+    def _append_tokens(self, seq: Sequence, tokens: list[int], rows_logits: torch.Tensor) -> None:
+        want = seq.params.logprobs
+        if want is not None:
+            lp = torch.log_softmax(rows_logits, dim=-1)
+            top = torch.topk(lp, want, dim=-1) if want else None
+        for i, tok in enumerate(tokens):
+            if seq.finish_reason is not None:
+                break
+            if want is not None:
+                alts = list(zip(top.indices[i].tolist(), top.values[i].tolist())) if want else []
+                seq.logprobs = (seq.logprobs or []) + [TokenLogprob(tok, float(lp[i, tok]), alts)]
+            self._append_token(seq, tok)
+
+    def _draft(self, scheduled, hidden: torch.Tensor, starts: dict, t_target: float, target_tokens: int) -> None:
+        """MTP pass over every position committed this step, then drafts for the sequences about to decode."""
+        t0 = time.perf_counter()
+        items = []
+        for s in scheduled:
+            seq = s.seq
+            first, row = starts[seq.seq_id]
+            n = seq.num_cached - first
+            if n > 0 and seq.num_cached < len(seq.token_ids):
+                items.append((seq, first, hidden[row : row + n]))
+        last = self.spec.mtp_pass(items)
+        decoding = [
+            s.seq
+            for s in scheduled
+            if s.seq.finish_reason is None and s.seq.num_uncached == 1 and s.seq.slot is not None
+        ]
+        k = self.spec.policy.choose(len(decoding)) if decoding else 0
+        self.spec.propose(decoding, last, k)
+        t_mtp = time.perf_counter() - t0
+        self.spec.policy.observe_step(target_tokens, t_target, t_mtp, k)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -243,7 +331,8 @@ class Engine:
         if not seq.detok.finished:
             # Text held back (a possible stop-string start, an incomplete character) is final now.
             seq.text += seq.detok.step([], finished=True)[0]
-        self.scheduler.finish(seq)
+        # Released at the end of the step: the MTP pass still reads this step's positions of its pages.
+        self._finishing.append(seq)
 
     def reset_prefix_cache(self) -> None:
         """Empties the prefix cache (locked paths of running sequences stay)."""
@@ -281,7 +370,23 @@ class Engine:
             "prefix_cache_hit_tokens": cache.hit_tokens if cache else 0,
             "prefix_cache_snapshots": cache.num_snapshots if cache else 0,
             "prefix_cache_snapshot_evictions": cache.snapshot_evictions if cache else 0,
+            **self._spec_stats(),
         }
+
+    def _spec_stats(self) -> dict[str, float]:
+        if self.spec is None:
+            return {}
+        st = self.spec.stats
+        out = {
+            "spec_draft_tokens": st.drafted,
+            "spec_accepted_tokens": st.accepted,
+            "spec_verify_steps": st.verify_steps,
+            "spec_mean_acceptance_length": st.mean_acceptance_length,
+            "spec_num_draft_tokens_chosen": self.spec.policy.last_choice or 0,
+        }
+        for i, (d, a) in enumerate(zip(st.drafted_at, st.accepted_at)):
+            out[f"spec_acceptance_rate_pos{i}"] = a / d if d else 0.0
+        return out
 
 
 def _default_model_dir() -> Path:

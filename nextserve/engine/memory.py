@@ -29,6 +29,7 @@ DEFAULT_MAX_RUNNING = 256
 class Capacity:
     num_slots: int  # working slots (one per running sequence)
     num_snapshot_slots: int  # prefix-cache snapshots
+    num_scratch_slots: int  # speculative verification: states after each draft position
     num_pages: int
     page_size: int
     max_running: int
@@ -43,6 +44,7 @@ class Capacity:
     def describe(self) -> str:
         return (
             f"state slots {self.num_slots} + {self.num_snapshot_slots} for prefix snapshots "
+            f"+ {self.num_scratch_slots} for speculative verification "
             f"({self.slot_bytes / 2**20:.2f} MiB each), "
             f"KV pages {self.num_pages} x {self.page_size} tokens ({self.page_bytes / 2**10:.1f} KiB each), "
             f"max tokens in cache {self.max_cached_tokens}, max running requests {self.max_running}, "
@@ -98,10 +100,11 @@ def plan_capacity(
         snapshots = cfg.max_prefix_snapshots
     max_running = cfg.max_running_requests or min(max(slots, 1), DEFAULT_MAX_RUNNING)
     slots = max(1, min(slots, max_running))
+    scratch = cfg.speculative_num_steps * slots if cfg.speculative else 0
     if cfg.num_kv_pages is not None:
         pages = cfg.num_kv_pages
     else:
-        pages = (budget - (slots + snapshots) * slot_bytes) // page_bytes
+        pages = (budget - (slots + snapshots + scratch) * slot_bytes) // page_bytes
     if pages < 1:
         raise ValueError(
             f"the cache budget ({budget / 2**20:.1f} MiB) holds no KV page after {slots} state slots of "
@@ -111,4 +114,4 @@ def plan_capacity(
     if context > pages * cfg.page_size:
         logger.warning("context length %d exceeds the KV pool (%d tokens): capping it", context, pages * cfg.page_size)
         context = pages * cfg.page_size
-    return Capacity(slots, snapshots, int(pages), cfg.page_size, max_running, context, slot_bytes, page_bytes)
+    return Capacity(slots, snapshots, scratch, int(pages), cfg.page_size, max_running, context, slot_bytes, page_bytes)

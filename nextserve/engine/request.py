@@ -47,6 +47,9 @@ class Sequence:
     num_shared_pages: int = 0
     tree_node: object | None = None
     num_cached_at_admission: int | None = None
+    # Speculative decoding: draft tokens to verify next step, and their draft distributions (sampled rows).
+    draft: list[int] = field(default_factory=list)
+    draft_probs: object | None = None
 
     @property
     def params(self) -> SamplingParams:

@@ -35,9 +35,11 @@ class ModelRunner:
         ids: list[int] = []
         logits_rows: list[int] = []
         for s in scheduled:
-            seq = s.seq
-            ids += seq.token_ids[seq.num_cached : seq.num_cached + s.num_tokens]
-            if s.samples:
+            start = len(ids)
+            ids += s.input_ids
+            if s.draft:
+                logits_rows += range(start, len(ids))  # a verify row group: logits at every position
+            elif s.samples:
                 logits_rows.append(len(ids) - 1)
         batch = ForwardBatch.build(
             query_lens=[s.num_tokens for s in scheduled],
@@ -52,9 +54,10 @@ class ModelRunner:
         return torch.tensor(ids, dtype=torch.int64, device=self.device), batch
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq], snapshots=()) -> torch.Tensor:
-        """Runs the step; returns fp32 logits [R, V] for the sequences that sample, in scheduled order.
-        `snapshots` are (index in scheduled, offset in its chunk, dst slot) state snapshots taken in the step."""
+    def execute(self, scheduled: list[ScheduledSeq], snapshots=()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs the step; returns (hidden [T, H], fp32 logits [R, V] of the rows that sample, in scheduled order;
+        every row of a verify group). `snapshots` are (index in scheduled, offset in its chunk, dst slot) state
+        snapshots taken inside the step."""
         input_ids, batch = self.prepare(scheduled, snapshots)
         hidden = self.model(input_ids, batch)
-        return self.model.compute_logits(hidden[batch.logits_indices]).float()
+        return hidden, self.model.compute_logits(hidden[batch.logits_indices]).float()

@@ -18,7 +18,7 @@ owner.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nextserve.engine.kv_pool import KVPool
 from nextserve.engine.prefix_cache import PrefixCache
@@ -30,11 +30,20 @@ from nextserve.engine.state_pool import StatePool
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # tokens fed this step: seq.token_ids[seq.num_cached : seq.num_cached + num_tokens]
+    # Speculative verify: the fed tokens are the last sampled token then these drafts (num_tokens = 1 + len).
+    draft: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the last known token, so the step samples the next one."""
-        return self.seq.num_cached + self.num_tokens == len(self.seq.token_ids)
+        return bool(self.draft) or self.seq.num_cached + self.num_tokens == len(self.seq.token_ids)
+
+    @property
+    def input_ids(self) -> list[int]:
+        c = self.seq.num_cached
+        if self.draft:
+            return [self.seq.token_ids[c]] + self.draft
+        return self.seq.token_ids[c : c + self.num_tokens]
 
 
 class Scheduler:
@@ -69,6 +78,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncached, budget)
+            draft = seq.draft[: budget - 1] if n == 1 and seq.num_uncached == 1 else []
+            n += len(draft)
             need = self.kv.pages_for(seq.num_cached + n) - len(seq.pages)
             while not self._reserve_pages(need) and self.running[-1] is not seq:
                 self._preempt(self.running[-1])
@@ -80,7 +91,7 @@ class Scheduler:
                 preempted = True
                 break
             seq.pages += self.kv.allocate(need)
-            batch.append(ScheduledSeq(seq, n))
+            batch.append(ScheduledSeq(seq, n, draft))
             budget -= n
             i += 1
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_running:
@@ -139,6 +150,8 @@ class Scheduler:
             return []
         plan = []
         for b, s in enumerate(batch):
+            if s.draft:
+                continue  # only verified tokens are snapshotted: a verify step commits after acceptance
             c, seq = s.seq.num_cached, s.seq
             g = (c // interval + 1) * interval
             while g <= c + s.num_tokens and g < len(seq.token_ids):
@@ -199,6 +212,7 @@ class Scheduler:
     # ---- leaving the running set ---------------------------------------------------------------------------
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.draft, seq.draft_probs = [], None
         self._release(seq)
         seq.num_cached = 0
         seq.status = SeqStatus.WAITING
@@ -257,5 +271,6 @@ class Scheduler:
                 assert seq.tree_node is not None and seq.tree_node.lock > 0
         for seq in self.waiting:
             assert not seq.pages and seq.slot is None, f"waiting sequence {seq.seq_id} holds cache"
+        assert self.states.scratch_in_use == 0, "scratch state slots held between steps"
         assert sorted(pages) == list(range(1, self.kv.num_pages + 1)), "KV pages leaked or double-owned"
         assert sorted(slots) == list(range(1, self.states.num_slots + 1)), "state slots leaked or double-owned"

@@ -4,6 +4,7 @@ Region table of `conv` ([layers, slots + 1, conv_dim, K-1]) and `ssm` ([layers, 
   slot 0          dummy slot for CUDA-graph padding; never handed out
   slots 1..N      handed out by `allocate` (zeroed: a new sequence starts from the zero state), returned by `free`;
                   running sequences' working slots and the prefix cache's snapshots come from the same range
+  slots N+1..N+S  scratch for speculative verification (states after each draft position), held within a step
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ class StatePool:
         dtype: torch.dtype,
         ssm_dtype: torch.dtype,
         device: torch.device | str,
+        num_scratch: int = 0,
     ):
-        self.conv = torch.zeros(num_layers, num_slots + 1, conv_dim, conv_width - 1, dtype=dtype, device=device)
-        self.ssm = torch.zeros(num_layers, num_slots + 1, hv, dk, dv, dtype=ssm_dtype, device=device)
+        total = num_slots + num_scratch + 1
+        self.conv = torch.zeros(num_layers, total, conv_dim, conv_width - 1, dtype=dtype, device=device)
+        self.ssm = torch.zeros(num_layers, total, hv, dk, dv, dtype=ssm_dtype, device=device)
         self.num_slots = num_slots
+        self.num_scratch = num_scratch
         self._free: list[int] = list(range(num_slots, 0, -1))
+        self._scratch_free: list[int] = list(range(num_slots + num_scratch, num_slots, -1))
 
     @staticmethod
     def bytes_per_slot(
@@ -64,6 +69,19 @@ class StatePool:
 
     def free(self, slot: int) -> None:
         self._free.append(slot)
+
+    def allocate_scratch(self) -> int:
+        """A scratch slot for one step (not zeroed: it is written before it is read)."""
+        if not self._scratch_free:
+            raise RuntimeError("scratch state slots exhausted")
+        return self._scratch_free.pop()
+
+    def free_scratch(self, slots: list[int]) -> None:
+        self._scratch_free.extend(slots)
+
+    @property
+    def scratch_in_use(self) -> int:
+        return self.num_scratch - len(self._scratch_free)
 
     def copy_slot(self, src: int, dst: int) -> None:
         """dst gets src's conv window and SSM state in every layer (snapshot in, snapshot out)."""

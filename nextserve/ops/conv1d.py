@@ -14,10 +14,17 @@ import torch.nn.functional as F
 
 from nextserve.forward_batch import ForwardBatch
 
+try:  # Triton fast path; absent on CPU-only installs.
+    from nextserve.ops import conv1d_triton
+except ImportError:
+    conv1d_triton = None
+
 
 def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor, batch: ForwardBatch
 ) -> torch.Tensor:
+    if x.is_cuda and conv1d_triton is not None:
+        return conv1d_triton.causal_conv1d(x, weight, conv_states, batch)
     if batch.is_decode:
         y = _conv1d_decode(x, weight, conv_states, batch.state_slots)
         for b, _, dst in batch.snapshots:  # offset is 1: the window after the step

@@ -14,6 +14,11 @@ import torch.nn.functional as F
 
 from nextserve.forward_batch import ForwardBatch
 
+try:  # CUDA fast path (Triton, plus fla-core for prefill); absent on CPU-only installs.
+    from nextserve.ops import gdn_cuda
+except ImportError:
+    gdn_cuda = None
+
 CHUNK = 64
 
 
@@ -98,6 +103,8 @@ def gated_delta_rule(
 ) -> torch.Tensor:
     """Varlen gated delta rule over the step. q, k [T, Hk, dk]; v [T, Hv, dv]; g, beta [T, Hv];
     ssm_states [S, Hv, dk, dv] is the layer's slot pool, read as the initial state and updated in place."""
+    if q.is_cuda and gdn_cuda is not None and gdn_cuda.can_run(batch):
+        return gdn_cuda.gated_delta_rule(q, k, v, g, beta, ssm_states, batch)
     slots = batch.state_slots
     if batch.is_decode:
         # One token per sequence: one recurrent step for the whole batch, states gathered by slot.

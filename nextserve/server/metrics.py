@@ -30,6 +30,8 @@ _GAUGES = [
     ("state_slots_used", "state_slots_used", "Recurrent-state slots in use by requests"),
     ("state_slots_total", "state_slots_total", "Recurrent-state slots for requests"),
     ("prefix_cache_snapshots", "prefix_cache_snapshots", "State snapshots held by the prefix cache"),
+    ("spec_mean_acceptance_length", "spec_mean_acceptance_length", "Tokens committed per speculative verify step"),
+    ("spec_num_draft_tokens", "spec_num_draft_tokens_chosen", "Draft tokens per step chosen by the adaptive policy"),
 ]
 # Counters are cumulative in the engine; prometheus adds the `_total` suffix to these names.
 _COUNTERS = [
@@ -39,6 +41,8 @@ _COUNTERS = [
     ("prefix_cache_queries", "prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache"),
     ("prefix_cache_hits", "prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache"),
     ("prefix_cache_snapshot_evictions", "prefix_cache_snapshot_evictions", "Prefix-cache snapshots evicted"),
+    ("spec_draft_tokens", "spec_draft_tokens", "Draft tokens proposed by the MTP head"),
+    ("spec_accepted_tokens", "spec_accepted_tokens", "Draft tokens accepted by verification"),
 ]
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0)
@@ -60,6 +64,13 @@ class _EngineStatsCollector:
             yield GaugeMetricFamily(PREFIX + name, help_, value=float(stats.get(key, 0)))
         for name, key, help_ in _COUNTERS:
             yield CounterMetricFamily(PREFIX + name, help_, value=float(stats.get(key, 0)))
+        per_position = GaugeMetricFamily(
+            PREFIX + "spec_acceptance_rate", "Speculative acceptance rate by draft position", labels=["position"]
+        )
+        for key, value in stats.items():
+            if key.startswith("spec_acceptance_rate_pos"):
+                per_position.add_metric([key.removeprefix("spec_acceptance_rate_pos")], float(value))
+        yield per_position
 
 
 class ServerMetrics:

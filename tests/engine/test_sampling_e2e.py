@@ -197,9 +197,9 @@ def test_logprobs_are_those_of_the_raw_logits(llm, monkeypatch):
     execute = llm.engine.runner.execute
 
     def recording_execute(*args, **kwargs):
-        logits = execute(*args, **kwargs)
+        hidden, logits = execute(*args, **kwargs)
         recorded.append(logits.clone())
-        return logits
+        return hidden, logits
 
     monkeypatch.setattr(llm.engine.runner, "execute", recording_execute)
     for params, greedy in [

@@ -1,0 +1,280 @@
+"""MTP speculative decoding: draft with the model's own MTP head, verify with one target forward, commit exactly.
+
+Per decoding sequence and step (c = tokens cached, x_c the last sampled token, not yet cached):
+  verify   the target runs [x_c, d_1..d_k] at positions c..c+k in the same flat batch as everyone else. The Gated
+           DeltaNet layers write the state after each of the first k positions into scratch slots (in-step
+           snapshots); the live slot ends at c+k+1 and is overwritten from a scratch slot when fewer drafts are
+           accepted, so the live state is only ever the state of verified tokens once the step is over.
+  accept   greedy rows: d_i while it equals the target's argmax at c+i-1, then the target's own token (bonus).
+           Sampled rows: rejection sampling (accept d_i with probability min(1, p(d_i)/q(d_i)), else draw from
+           norm(max(p - q, 0))), which leaves the target distribution unchanged.
+  MTP pass the MTP layer runs over every position the target committed this step (input: target hidden at p,
+           token p+1), so its own KV cache covers every verified position; rejected positions are never cached.
+  draft    from the MTP output at the last position: d_1; then k-1 more MTP steps, each feeding back its own normed
+           hidden state and the previous draft.
+The number of drafts per step adapts (`DraftPolicy`): it maximises expected committed tokens per second, from the
+measured acceptance per position and a measured cost model of the step, down to zero drafts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from nextserve.engine.request import Sequence
+from nextserve.engine.sampler import SamplingRow, build_sampling_batch, process_logits, sample
+from nextserve.forward_batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    # Draft distributions q_i [k, V] for sampled rows (None for greedy rows).
+    probs: torch.Tensor | None = None
+
+
+@dataclass
+class SpecStats:
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    accepted_at: list[int] = field(default_factory=list)  # per draft position
+    drafted_at: list[int] = field(default_factory=list)
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        while len(self.drafted_at) < num_drafts:
+            self.drafted_at.append(0)
+            self.accepted_at.append(0)
+        for i in range(num_drafts):
+            self.drafted_at[i] += 1
+            self.accepted_at[i] += i < num_accepted
+        self.drafted += num_drafts
+        self.accepted += num_accepted
+        self.verify_steps += 1
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens committed per verify step (accepted drafts + the target's own token)."""
+        return (self.accepted + self.verify_steps) / max(self.verify_steps, 1)
+
+
+class DraftPolicy:
+    """Chooses the number of drafts k in [0, max_steps] for the next step.
+
+    Expected committed tokens per sequence with k drafts: E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j, with a_j the
+    measured acceptance rate at draft position j. Step time is modelled as t(T) = t0 + t1 * T over T target tokens,
+    plus k MTP steps of cost m each, both fitted from measured steps. k maximises B * E(k) / (t(B(k+1)) + k m).
+    Until enough is measured, the prior is optimistic about acceptance and compute-light (GPU-like).
+    """
+
+    def __init__(self, max_steps: int, fixed: bool = False):
+        self.max_steps = max_steps
+        self.fixed = fixed
+        self.acc = [0.8] * max_steps  # prior acceptance per position
+        self.samples: deque[tuple[int, float]] = deque(maxlen=64)  # (target tokens, seconds) of recent steps
+        self.mtp_cost = 0.0
+        self.last_choice: int | None = None
+
+    def observe_acceptance(self, num_drafts: int, num_accepted: int) -> None:
+        for i in range(num_drafts):
+            # Position i is reached only if all before it were accepted: update it only then.
+            if i > num_accepted:
+                break
+            self.acc[i] = 0.95 * self.acc[i] + 0.05 * float(i < num_accepted)
+
+    def observe_step(self, target_tokens: int, seconds: float, mtp_seconds: float, mtp_steps: int) -> None:
+        self.samples.append((target_tokens, seconds))
+        if mtp_steps:
+            self.mtp_cost = (
+                0.9 * self.mtp_cost + 0.1 * (mtp_seconds / mtp_steps) if self.mtp_cost else (mtp_seconds / mtp_steps)
+            )
+
+    def _fit(self) -> tuple[float, float]:
+        if len(self.samples) < 8:
+            return 1.0, 0.0  # prior: fixed cost dominates (memory-bound GPU decode)
+        n = len(self.samples)
+        xs = [t for t, _ in self.samples]
+        ys = [s for _, s in self.samples]
+        mx, my = sum(xs) / n, sum(ys) / n
+        var = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var > 0 else 0.0
+        slope = max(slope, 0.0)
+        return max(my - slope * mx, 1e-6), slope
+
+    def choose(self, batch_size: int) -> int:
+        if self.fixed or self.max_steps == 0:
+            return self.max_steps
+        t0, t1 = self._fit()
+        best_k, best_rate = 0, 0.0
+        for k in range(self.max_steps + 1):
+            expected, run = 1.0, 1.0
+            for i in range(k):
+                run *= self.acc[i]
+                expected += run
+            cost = t0 + t1 * batch_size * (k + 1) + k * (self.mtp_cost if len(self.samples) >= 8 else 0.0)
+            rate = expected / cost
+            if rate > best_rate * 1.02:  # prefer fewer drafts unless clearly better
+                best_k, best_rate = k, rate
+        if best_k != self.last_choice:
+            logger.info(
+                "speculative decoding: %d draft tokens (batch %d, acceptance %s, step cost %.2e + %.2e/token)",
+                best_k,
+                batch_size,
+                [round(a, 2) for a in self.acc],
+                t0,
+                t1,
+            )
+            self.last_choice = best_k
+        return best_k
+
+
+class SpecDecoder:
+    """Owns drafting, verification and acceptance; the engine calls it around each step."""
+
+    def __init__(self, engine, max_steps: int, adaptive: bool):
+        self.engine = engine
+        self.model = engine.model
+        self.max_steps = max_steps
+        self.policy = DraftPolicy(max_steps, fixed=not adaptive)
+        self.stats = SpecStats()
+
+    # ---- before the step: scratch slots for the verify rows' intermediate states ---------------------------
+    def plan_scratch(self, scheduled) -> list[tuple[int, int, int]]:
+        """(index in batch, offset, slot): the state after each of the first k verify tokens goes to a scratch
+        slot, so that any accepted prefix can be committed."""
+        plan = []
+        for b, s in enumerate(scheduled):
+            for offset in range(1, s.num_tokens if s.draft else 0):
+                plan.append((b, offset, self.engine.state_pool.allocate_scratch()))
+        return plan
+
+    # ---- acceptance ----------------------------------------------------------------------------------------
+    def verify(self, s, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+        """Tokens to append for a verify row group: accepted drafts, then the target's token."""
+        seq, draft = s.seq, s.draft
+        batch = build_sampling_batch(rows, logits.shape[-1], self.engine.device)
+        if seq.params.greedy:
+            target = sample(logits, batch).token_ids.tolist()
+            j = 0
+            while j < len(draft) and draft[j] == target[j]:
+                j += 1
+            tokens = draft[:j] + [target[j]]
+        else:
+            p = torch.softmax(process_logits(logits, batch), dim=-1)
+            q = seq.draft_probs
+            gen = seq.generator
+            tokens = []
+            for i, d in enumerate(draft):
+                u = (
+                    torch.rand((), generator=gen, device=p.device)
+                    if gen is not None
+                    else torch.rand((), device=p.device)
+                )
+                if u.item() < min(1.0, (p[i, d] / q[i, d].clamp_min(1e-20)).item()):
+                    tokens.append(d)
+                    continue
+                residual = (p[i] - q[i]).clamp_min(0)
+                residual = residual / residual.sum() if residual.sum() > 0 else p[i]
+                tokens.append(int(torch.multinomial(residual, 1, generator=gen).item()))
+                break
+            else:
+                tokens.append(int(torch.multinomial(p[len(draft)], 1, generator=gen).item()))
+        accepted = len(tokens) - 1
+        self.stats.record(len(draft), accepted)
+        self.policy.observe_acceptance(len(draft), accepted)
+        return tokens
+
+    # ---- MTP pass over committed positions, then drafting --------------------------------------------------
+    @torch.inference_mode()
+    def mtp_pass(self, items: list[tuple[Sequence, int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """items: (seq, first position, target hidden rows [n, H]) for positions committed this step; the input
+        token at position p is seq.token_ids[p + 1]. Returns the MTP output at each sequence's last position."""
+        if not items:
+            return {}
+        ids, hidden = [], []
+        for seq, start, h in items:
+            ids += seq.token_ids[start + 1 : start + 1 + h.shape[0]]
+            hidden.append(h)
+        batch = ForwardBatch.build(
+            query_lens=[h.shape[0] for _, _, h in items],
+            cached_lens=[start for _, start, _ in items],
+            state_slots=[0] * len(items),
+            page_tables=[seq.pages for seq, _, _ in items],
+            page_size=self.engine.kv_pool.page_size,
+            device=self.engine.device,
+        )
+        out = self.model.mtp_forward(torch.tensor(ids, device=self.engine.device), torch.cat(hidden), batch)
+        last = batch.cu_seqlens[1:].long() - 1
+        return {seq.seq_id: out[i] for (seq, _, _), i in zip(items, last.tolist())}
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence], last_hidden: dict[int, torch.Tensor], k: int) -> None:
+        """Sets seq.draft (k tokens, fewer near max_tokens) for each sequence about to decode."""
+        eng = self.engine
+        todo = []
+        for seq in seqs:
+            seq.draft, seq.draft_probs = [], None
+            room = min(seq.request.max_tokens - len(seq.output_ids), eng.max_model_len - len(seq.token_ids)) - 1
+            kk = min(k, room)
+            if kk <= 0 or seq.seq_id not in last_hidden:
+                continue
+            # MTP KV for draft positions c .. c+kk-2 (the verify step allocates the rest).
+            need = eng.kv_pool.pages_for(seq.num_cached + kk - 1) - len(seq.pages)
+            if need > 0:
+                if not eng.scheduler._reserve_pages(need):
+                    continue
+                seq.pages += eng.kv_pool.allocate(need)
+            todo.append((seq, kk))
+        if not todo:
+            return
+        hidden = torch.stack([last_hidden[seq.seq_id] for seq, _ in todo])
+        probs: list[list[torch.Tensor]] = [[] for _ in todo]
+        for step in range(max(kk for _, kk in todo)):
+            active = [i for i, (_, kk) in enumerate(todo) if kk > step]
+            rows = [self._row(todo[i][0]) for i in active]
+            logits = self.model.compute_logits(hidden[active]).float()
+            batch = build_sampling_batch(rows, logits.shape[-1], eng.device)
+            if all(todo[i][0].params.greedy for i in active):
+                tokens = sample(logits, batch).token_ids.tolist()
+            else:
+                q = torch.softmax(process_logits(logits, batch), dim=-1)
+                tokens = []
+                for r, i in enumerate(active):
+                    seq = todo[i][0]
+                    if seq.params.greedy:
+                        tokens.append(int(q[r].argmax()))
+                    else:
+                        tokens.append(int(torch.multinomial(q[r], 1, generator=seq.generator).item()))
+                        probs[i].append(q[r])
+            for r, i in enumerate(active):
+                todo[i][0].draft.append(tokens[r])
+            if step + 1 == max(todo[i][1] for i in active):
+                break
+            nxt = [i for i in active if todo[i][1] > step + 1]
+            if not nxt:
+                break
+            # Next draft step: position c + step, input = the draft just made, hidden = MTP's own output.
+            batch = ForwardBatch.build(
+                query_lens=[1] * len(nxt),
+                cached_lens=[todo[i][0].num_cached + step for i in nxt],
+                state_slots=[0] * len(nxt),
+                page_tables=[todo[i][0].pages for i in nxt],
+                page_size=eng.kv_pool.page_size,
+                device=eng.device,
+            )
+            ids = torch.tensor([todo[i][0].draft[-1] for i in nxt], device=eng.device)
+            out = self.model.mtp_forward(ids, hidden[nxt], batch)
+            hidden = hidden.clone()
+            hidden[nxt] = out
+        for i, (seq, _) in enumerate(todo):
+            if probs[i]:
+                seq.draft_probs = torch.stack(probs[i])
+
+    def _row(self, seq: Sequence) -> SamplingRow:
+        """Sampling row for the next draft position: the history includes the drafts made so far."""
+        return self.engine.sampling_row(seq, extra_output=seq.draft)

@@ -1,0 +1,191 @@
+"""Triton path for `nextserve.ops.conv1d.causal_conv1d` (same contract: varlen x [T, C], weight [C, K], slot pool
+conv_states [S, C, K-1], SiLU output in x's dtype, snapshots at their offsets).
+
+Prefill is two launches: the convolution (each program a tile of one sequence's tokens by channels, reading the
+left context from the sequence's slot), then the windows (the final one per sequence and every snapshot), gathered
+into a small buffer and scattered to their slots. Writing windows in a second pass keeps the first pass free of
+read-after-write hazards on the slot it reads. Decode is one launch that convolves and shifts each window in place.
+
+Arithmetic is fp32. Legend: T tokens, C channels, K kernel width, B sequences, R windows written, S slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nextserve.forward_batch import ForwardBatch
+
+_BT, _BC = 32, 128  # prefill tile: tokens x channels
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor, batch: ForwardBatch
+) -> torch.Tensor:
+    """Same contract as `nextserve.ops.conv1d.causal_conv1d`, on CUDA tensors."""
+    assert conv_states.is_contiguous(), "the slot pool is indexed by raw offsets"
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight.contiguous()
+    if batch.is_decode:
+        y = _decode(x, weight, conv_states, batch.state_slots)
+        if batch.snapshots:  # offset 1: the window after the step
+            src = batch.state_slots[torch.tensor([b for b, _, _ in batch.snapshots], device=x.device)]
+            dst = torch.tensor([d for _, _, d in batch.snapshots], device=x.device)
+            conv_states.index_copy_(0, dst, conv_states.index_select(0, src))
+        return y
+    return _prefill(x, weight, conv_states, batch)
+
+
+@triton.jit
+def _conv_kernel(
+    x_ptr,
+    w_ptr,
+    state_ptr,
+    out_ptr,
+    cu_ptr,
+    slot_ptr,
+    stride_x,
+    C,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    b = tl.program_id(1)
+    i_c = tl.program_id(2)
+    start = tl.load(cu_ptr + b).to(tl.int64)
+    n = tl.load(cu_ptr + b + 1).to(tl.int64) - start
+    if i_t * BT >= n:  # the grid is sized for the longest sequence
+        return
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    t = i_t * BT + tl.arange(0, BT)  # token index inside the sequence
+    c = i_c * BC + tl.arange(0, BC)
+    mt = t < n
+    mc = c < C
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for j in tl.static_range(K):
+        # Tap j reads input t + j - (K-1): from x when >= 0, else from the saved window (position idx + K-1).
+        idx = t + j - (K - 1)
+        from_x = mt[:, None] & (idx >= 0)[:, None] & mc[None, :]
+        from_s = mt[:, None] & (idx < 0)[:, None] & mc[None, :]
+        xv = tl.load(x_ptr + (start + idx)[:, None] * stride_x + c[None, :], mask=from_x, other=0.0)
+        sv = tl.load(state_ptr + (slot * C + c[None, :]) * (K - 1) + (idx + K - 1)[:, None], mask=from_s, other=0.0)
+        w = tl.load(w_ptr + c * K + j, mask=mc, other=0.0).to(tl.float32)
+        acc += (xv.to(tl.float32) + sv.to(tl.float32)) * w[None, :]
+    y = acc / (1.0 + tl.exp(-acc))  # SiLU
+    tl.store(
+        out_ptr + (start + t)[:, None] * C + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mt[:, None] & mc[None, :]
+    )
+
+
+@triton.jit
+def _window_kernel(
+    x_ptr,
+    state_ptr,
+    buf_ptr,
+    start_ptr,
+    src_ptr,
+    off_ptr,
+    stride_x,
+    C,
+    K: tl.constexpr,
+    BK: tl.constexpr,
+    BC: tl.constexpr,
+):
+    # Window r = inputs off-(K-1) .. off-1 of its sequence (index < 0: the slot's saved window), as [C, K-1].
+    r = tl.program_id(0)
+    i_c = tl.program_id(1)
+    start = tl.load(start_ptr + r).to(tl.int64)
+    slot = tl.load(src_ptr + r).to(tl.int64)
+    off = tl.load(off_ptr + r).to(tl.int64)
+    c = i_c * BC + tl.arange(0, BC)
+    i = tl.arange(0, BK)
+    mc = c < C
+    mi = i < K - 1
+    idx = off - (K - 1) + i
+    from_x = mc[:, None] & (mi & (idx >= 0))[None, :]
+    from_s = mc[:, None] & (mi & (idx < 0))[None, :]
+    xv = tl.load(x_ptr + (start + idx)[None, :] * stride_x + c[:, None], mask=from_x, other=0.0)
+    sv = tl.load(state_ptr + (slot * C + c[:, None]) * (K - 1) + (idx + K - 1)[None, :], mask=from_s, other=0.0)
+    win = xv.to(tl.float32) + sv.to(tl.float32)
+    tl.store(
+        buf_ptr + (r * C + c[:, None]) * (K - 1) + i[None, :], win.to(buf_ptr.dtype.element_ty), mask=from_x | from_s
+    )
+
+
+def _prefill(x, weight, conv_states, batch: ForwardBatch) -> torch.Tensor:
+    T, C = x.shape
+    K = weight.shape[1]
+    dev = x.device
+    out = torch.empty(T, C, dtype=x.dtype, device=dev)
+    B = batch.num_seqs
+    max_n = max(batch.query_lens, default=0)
+    if B == 0 or max_n == 0:
+        return out
+    grid = (triton.cdiv(max_n, _BT), B, triton.cdiv(C, _BC))
+    _conv_kernel[grid](
+        x, weight, conv_states, out, batch.cu_seqlens, batch.state_slots, x.stride(0), C, K=K, BT=_BT, BC=_BC
+    )
+    # Windows to write: each sequence's final one (offset n) into its own slot, then the snapshots.
+    starts = [0]
+    for n in batch.query_lens:
+        starts.append(starts[-1] + n)
+    seqs = list(range(B)) + [b for b, _, _ in batch.snapshots]
+    offs = list(batch.query_lens) + [o for _, o, _ in batch.snapshots]
+    assert all(0 <= o <= batch.query_lens[b] for b, o in zip(seqs, offs)), "snapshot offset outside the chunk"
+    host = torch.tensor([[starts[b] for b in seqs], offs, seqs], dtype=torch.int64).to(dev, non_blocking=True)
+    src = batch.state_slots.index_select(0, host[2])
+    dst = src.clone()
+    if batch.snapshots:
+        dst[B:] = torch.tensor([d for _, _, d in batch.snapshots], device=dev)
+    buf = torch.empty(len(seqs), C, K - 1, dtype=conv_states.dtype, device=dev)
+    bc = 64
+    _window_kernel[(len(seqs), triton.cdiv(C, bc))](
+        x, conv_states, buf, host[0], src, host[1], x.stride(0), C, K=K, BK=triton.next_power_of_2(K - 1), BC=bc
+    )
+    conv_states.index_copy_(0, dst, buf)
+    return out
+
+
+@triton.jit
+def _decode_kernel(
+    x_ptr,
+    w_ptr,
+    state_ptr,
+    out_ptr,
+    slot_ptr,
+    stride_x,
+    C,
+    K: tl.constexpr,
+    BC: tl.constexpr,
+):
+    # One program: one sequence, BC channels. It loads its whole window before storing the shifted one, and no
+    # other program touches those (slot, channel) cells, so the in-place update is race-free.
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mc = c < C
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    p_s = state_ptr + (slot * C + c) * (K - 1)
+    xv = tl.load(x_ptr + b * stride_x + c, mask=mc, other=0.0)
+    acc = xv.to(tl.float32) * tl.load(w_ptr + c * K + (K - 1), mask=mc, other=0.0).to(tl.float32)
+    for j in tl.static_range(K - 1):
+        s = tl.load(p_s + j, mask=mc, other=0.0)
+        acc += s.to(tl.float32) * tl.load(w_ptr + c * K + j, mask=mc, other=0.0).to(tl.float32)
+    # Shift: window[j] = window[j+1], newest input last.
+    for j in tl.static_range(K - 2):
+        s = tl.load(p_s + j + 1, mask=mc, other=0.0)
+        tl.store(p_s + j, s, mask=mc)
+    tl.store(p_s + (K - 2), xv.to(state_ptr.dtype.element_ty), mask=mc)
+    y = acc / (1.0 + tl.exp(-acc))
+    tl.store(out_ptr + b * C + c, y.to(out_ptr.dtype.element_ty), mask=mc)
+
+
+def _decode(x, weight, conv_states, slots: torch.Tensor) -> torch.Tensor:
+    B, C = x.shape
+    K = weight.shape[1]
+    out = torch.empty(B, C, dtype=x.dtype, device=x.device)
+    if B:
+        bc = 256
+        _decode_kernel[(B, triton.cdiv(C, bc))](x, weight, conv_states, out, slots, x.stride(0), C, K=K, BC=bc)
+    return out
