@@ -57,6 +57,9 @@ class Match:
     length: int  # tokens reused
     slot: int | None  # snapshot to copy into the sequence's slot (None: nothing reused)
     tail_page: int | None  # partial page to copy (tail matches only)
+    # Page-aligned length of the query that the tree holds KV for (may pass the last snapshot): where the query
+    # branches off. A snapshot taken there lets the next request with this prefix reuse all of it.
+    kv_length: int = 0
 
 
 class PrefixCache:
@@ -90,9 +93,17 @@ class PrefixCache:
                     best = Match(node, list(pages), end, tail.slot, tail.page)
             child = node.children.get(tuple(tokens[pos : pos + ps]))
             if child is None or tuple(tokens[pos : pos + len(child.tokens)]) != child.tokens:
+                if child is not None:  # partial match: count the whole pages that agree
+                    k = 1
+                    while k < len(child.pages) and (
+                        tuple(tokens[pos + k * ps : pos + (k + 1) * ps]) == child.tokens[k * ps : (k + 1) * ps]
+                    ):
+                        k += 1
+                    pos += k * ps
                 break  # no snapshot can lie inside a partially matched span
             pages += child.pages
             pos, node = child.end, child
+        best.kv_length = min(pos, limit // ps * ps)
         return best
 
     def has_snapshot_at(self, tokens: list[int], pos: int) -> bool:

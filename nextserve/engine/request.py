@@ -47,6 +47,7 @@ class Sequence:
     num_shared_pages: int = 0
     tree_node: object | None = None
     num_cached_at_admission: int | None = None
+    branch_point: int | None = None  # where this prompt leaves the tree's KV: snapshotted during prefill
     # Speculative decoding: draft tokens to verify next step, and their draft distributions (sampled rows).
     draft: list[int] = field(default_factory=list)
     draft_probs: object | None = None

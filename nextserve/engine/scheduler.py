@@ -133,6 +133,7 @@ class Scheduler:
         if match:
             self.cache.queried_tokens += len(seq.token_ids)
             seq.tree_node = match.node
+            seq.branch_point = match.kv_length if match.kv_length > match.length else None
         seq.pages = shared + new_pages
         seq.num_shared_pages = len(shared)
         seq.num_cached = cached
@@ -144,8 +145,9 @@ class Scheduler:
 
     # ---- prefix-cache snapshots taken during a step --------------------------------------------------------
     def plan_snapshots(self, batch: list[ScheduledSeq], interval: int) -> list[tuple[int, int, int]]:
-        """In-step snapshots at grid positions (multiples of `interval`) that a chunk crosses and the tree does not
-        have yet: (index in batch, offset in the chunk, reserved slot)."""
+        """In-step snapshots that a prefill chunk crosses and the tree does not have yet: grid positions
+        (multiples of `interval`) and the point where the prompt branched off the tree's KV (so that the next
+        prompt sharing that prefix reuses all of it). Returns (index in batch, offset in the chunk, slot)."""
         if self.cache is None:
             return []
         plan = []
@@ -153,14 +155,16 @@ class Scheduler:
             if s.draft:
                 continue  # only verified tokens are snapshotted: a verify step commits after acceptance
             c, seq = s.seq.num_cached, s.seq
-            g = (c // interval + 1) * interval
-            while g <= c + s.num_tokens and g < len(seq.token_ids):
+            end = min(c + s.num_tokens, len(seq.token_ids) - 1)
+            points = set(range((c // interval + 1) * interval, end + 1, interval))
+            if seq.branch_point is not None and c < seq.branch_point <= end:
+                points.add(seq.branch_point)
+            for g in sorted(points):
                 if not self.cache.has_snapshot_at(seq.token_ids, g):
                     slot = self.cache.reserve_snapshot()
                     if slot is None:
                         break
                     plan.append((b, g - c, slot))
-                g += interval
         return plan
 
     def commit_snapshots(

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from nextserve.forward_batch import ForwardBatch
 
-_BT, _BC = 32, 128  # prefill tile: tokens x channels
+_BT, _BC, _WARPS = 32, 128, 4  # prefill tile (tokens x channels) and warps per program
 
 
 def causal_conv1d(
@@ -125,7 +125,18 @@ def _prefill(x, weight, conv_states, batch: ForwardBatch) -> torch.Tensor:
         return out
     grid = (triton.cdiv(max_n, _BT), B, triton.cdiv(C, _BC))
     _conv_kernel[grid](
-        x, weight, conv_states, out, batch.cu_seqlens, batch.state_slots, x.stride(0), C, K=K, BT=_BT, BC=_BC
+        x,
+        weight,
+        conv_states,
+        out,
+        batch.cu_seqlens,
+        batch.state_slots,
+        x.stride(0),
+        C,
+        K=K,
+        BT=_BT,
+        BC=_BC,
+        num_warps=_WARPS,
     )
     # Windows to write: each sequence's final one (offset n) into its own slot, then the snapshots.
     starts = [0]
