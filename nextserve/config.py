@@ -56,9 +56,12 @@ class EngineConfig:
         default=True, metadata={"help": "reuse KV pages and state snapshots of earlier requests (radix tree)"}
     )
     disable_radix_cache: bool = field(default=False, metadata={"help": "SGLang's name: turn prefix caching off"})
-    prefix_snapshot_interval: int = field(
-        default=512,
-        metadata={"help": "take a state snapshot every this many tokens of prefill (a multiple of --page-size)"},
+    prefix_snapshot_interval: int | None = field(
+        default=None,
+        metadata={
+            "help": "take a state snapshot every this many tokens of prefill (a multiple of --page-size; "
+            "default: where a snapshot costs as much memory as the KV it covers, in [256, 4096])"
+        },
     )
     max_prefix_snapshots: int | None = field(
         default=None, metadata={"help": "state slots for prefix-cache snapshots (default: from the share)"}
@@ -108,7 +111,10 @@ class EngineConfig:
         need(self.mamba_full_memory_ratio > 0, "--mamba-full-memory-ratio must be > 0")
         need(self.num_kv_pages is None or self.num_kv_pages >= 1, "--num-kv-pages must be >= 1")
         need(
-            self.prefix_snapshot_interval >= self.page_size and self.prefix_snapshot_interval % self.page_size == 0,
+            self.prefix_snapshot_interval is None
+            or (
+                self.prefix_snapshot_interval >= self.page_size and self.prefix_snapshot_interval % self.page_size == 0
+            ),
             "--prefix-snapshot-interval must be a positive multiple of --page-size",
         )
         need(self.max_prefix_snapshots is None or self.max_prefix_snapshots >= 0, "--max-prefix-snapshots must be >= 0")

@@ -195,7 +195,7 @@ class Engine:
         t_start = time.perf_counter()
         sampling = [s for s in scheduled if s.samples]
         prefilled = [s.seq for s in sampling if not s.draft and s.num_tokens > 1]
-        snapshots = self.scheduler.plan_snapshots(scheduled, self.config.prefix_snapshot_interval)
+        snapshots = self.scheduler.plan_snapshots(scheduled, self.capacity.snapshot_interval)
         scratch = self.spec.plan_scratch(scheduled) if self.spec else []
         hidden, logits = self.runner.execute(scheduled, snapshots + scratch)
         starts = {}  # seq_id -> (first position, first hidden row) of what this step computed

@@ -142,6 +142,8 @@ def _copy_states(pool: torch.Tensor, pairs: list[tuple[torch.Tensor, int]]) -> N
 
 # ---- decode: one recurrent step per sequence, state updated in the pool ----
 
+_DECODE_BV, _DECODE_WARPS = 32, 4  # dv slice per program, warps per program
+
 
 @triton.jit
 def _decode_kernel(
@@ -208,7 +210,7 @@ def _decode(q, k, v, g, beta, ssm_states, slots: torch.Tensor) -> torch.Tensor:
     o = torch.empty(B, hv, dv, dtype=v.dtype, device=v.device)
     if B == 0:
         return o
-    bv = min(32, triton.next_power_of_2(dv))
+    bv = min(_DECODE_BV, triton.next_power_of_2(dv))
     grid = (B * hv, triton.cdiv(dv, bv))
     # NOTE: two sequences sharing a slot would race; the pool hands each live sequence its own slot (padding rows
     # of a CUDA graph may share the dummy slot, whose contents nobody reads).
@@ -234,6 +236,6 @@ def _decode(q, k, v, g, beta, ssm_states, slots: torch.Tensor) -> torch.Tensor:
         DV=dv,
         BK=triton.next_power_of_2(dk),
         BV=bv,
-        num_warps=4,
+        num_warps=_DECODE_WARPS,
     )
     return o
