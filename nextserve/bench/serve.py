@@ -47,6 +47,7 @@ from nextserve.eval.client import (
     add_server_arguments,
     format_table,
     summarize_ms,
+    tool_main,
     write_json,
 )
 
@@ -357,13 +358,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nextserve bench serve", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as exc:
-        parser.error(str(exc))  # exits with status 2 and the usage line
+    return tool_main("nextserve bench serve", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -475,3 +475,14 @@ def run_eval(
     if args.output_json:
         write_json(args.output_json, {**summary, "records": records})
     return 1 if first_error else 0
+
+
+def tool_main(prog: str, doc: str, add_arguments, run, argv: list[str] | None = None) -> int:
+    """`python -m` entry point shared by the tools: parse, run, and turn a ValueError into a usage error (exit 2)."""
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as exc:
+        parser.error(str(exc))  # exits with status 2 and the usage line

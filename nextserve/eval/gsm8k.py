@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nextserve.eval.client import EvalItem, add_eval_arguments, read_jsonl, run_eval, select
+from nextserve.eval.client import EvalItem, add_eval_arguments, read_jsonl, run_eval, select, tool_main
 from nextserve.eval.extract import extract_gsm8k_answer, gsm8k_gold
 
 # The next example starts with "Question:"; stopping there keeps a completions reply to one answer.
@@ -70,13 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nextserve eval gsm8k", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as exc:
-        parser.error(str(exc))  # exits with status 2 and the usage line
+    return tool_main("nextserve eval gsm8k", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

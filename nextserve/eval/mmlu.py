@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from nextserve.eval.client import EvalItem, add_eval_arguments, read_jsonl, run_eval, select
+from nextserve.eval.client import EvalItem, add_eval_arguments, read_jsonl, run_eval, select, tool_main
 from nextserve.eval.extract import extract_mmlu_letter
 
 LETTERS = "ABCD"
@@ -121,13 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nextserve eval mmlu", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as exc:
-        parser.error(str(exc))  # exits with status 2 and the usage line
+    return tool_main("nextserve eval mmlu", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
