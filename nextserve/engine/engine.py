@@ -16,7 +16,7 @@ import torch
 
 from nextserve.config import EngineConfig
 from nextserve.engine.detokenizer import IncrementalDetokenizer
-from nextserve.engine.kv_pool import KVPool
+from nextserve.engine.kv_pool import KVLayout, KVPool
 from nextserve.engine.memory import Capacity, cache_budget_bytes, plan_capacity
 from nextserve.engine.prefix_cache import PrefixCache
 from nextserve.engine.request import Request, Sequence
@@ -24,7 +24,7 @@ from nextserve.engine.runner import ModelRunner
 from nextserve.engine.sampler import SamplingRow, build_sampling_batch, sample
 from nextserve.engine.scheduler import ScheduledSeq, Scheduler
 from nextserve.engine.spec_decode import SpecDecoder
-from nextserve.engine.state_pool import StatePool
+from nextserve.engine.state_pool import StateLayout, StatePool
 from nextserve.loader.model_loader import load_generation_defaults, load_model, load_tokenizer
 from nextserve.model_config import ModelConfig
 from nextserve.outputs import RequestOutput, TokenLogprob
@@ -68,27 +68,10 @@ class Engine:
         )
         self.capacity = self._plan_capacity()
         logger.info("nextserve capacity: %s", self.capacity.describe())
-        attn = self.model.attention_layers()
-        gdn = self.model.linear_attention_layers()
-        self.kv_pool = KVPool(
-            len(attn),
-            self.capacity.num_pages,
-            cfg.page_size,
-            attn[0].num_kv_heads,
-            attn[0].head_dim,
-            self.dtype,
-            self.device,
-        )
+        self.kv_pool = KVPool(self.kv_layout, self.capacity.num_pages, self.device)
         self.state_pool = StatePool(
-            len(gdn),
+            self.state_layout,
             self.capacity.num_slots + self.capacity.num_snapshot_slots,
-            gdn[0].conv1d.weight.shape[0],
-            self.model_config.linear_conv_kernel_dim,
-            gdn[0].hv,
-            gdn[0].dk,
-            gdn[0].dv,
-            self.dtype,
-            getattr(torch, cfg.mamba_ssm_dtype),
             self.device,
             num_scratch=self.capacity.num_scratch_slots,
         )
@@ -115,20 +98,22 @@ class Engine:
         return self.capacity.context_length
 
     def _plan_capacity(self) -> Capacity:
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        budget = cache_budget_bytes(self.config, self.device, weight_bytes)
         attn = self.model.attention_layers()
         gdn = self.model.linear_attention_layers()
-        return plan_capacity(
-            self.model_config,
-            self.config,
-            budget,
-            self.dtype,
-            attn[0].num_kv_heads,
+        self.kv_layout = KVLayout(len(attn), self.config.page_size, attn[0].num_kv_heads, attn[0].head_dim, self.dtype)
+        self.state_layout = StateLayout(
+            len(gdn),
             gdn[0].conv1d.weight.shape[0],
+            self.model_config.linear_conv_kernel_dim,
             gdn[0].hv,
-            len(attn),
+            gdn[0].dk,
+            gdn[0].dv,
+            self.dtype,
+            getattr(torch, self.config.mamba_ssm_dtype),
         )
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        budget = cache_budget_bytes(self.config, self.device, weight_bytes)
+        return plan_capacity(self.model_config, self.config, budget, self.kv_layout, self.state_layout)
 
     # ---- requests ------------------------------------------------------------------------------------------
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:

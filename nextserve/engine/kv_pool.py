@@ -8,30 +8,36 @@ A page belongs to exactly one owner at a time (a running sequence now; the prefi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of one page: K and V of page_size tokens in every full-attention layer."""
+
+    num_layers: int
+    page_size: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def page_bytes(self) -> int:
+        return 2 * self.num_layers * self.page_size * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+
 class KVPool:
-    def __init__(
-        self,
-        num_layers: int,
-        num_pages: int,
-        page_size: int,
-        kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ):
-        shape = (num_layers, num_pages + 1, page_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.page_size = page_size
+    def __init__(self, layout: KVLayout, num_pages: int, device: torch.device | str):
+        L = layout
+        shape = (L.num_layers, num_pages + 1, L.page_size, L.kv_heads, L.head_dim)
+        self.layout = layout
+        self.k = torch.zeros(shape, dtype=L.dtype, device=device)
+        self.v = torch.zeros(shape, dtype=L.dtype, device=device)
+        self.page_size = L.page_size
         self.num_pages = num_pages
         self._free: list[int] = list(range(num_pages, 0, -1))  # pop() hands out low pages first
-
-    @staticmethod
-    def bytes_per_page(num_layers: int, page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * page_size * kv_heads * head_dim * dtype.itemsize
 
     @property
     def num_free(self) -> int:

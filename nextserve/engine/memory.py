@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from nextserve.config import EngineConfig
-from nextserve.engine.kv_pool import KVPool
-from nextserve.engine.state_pool import StatePool
+from nextserve.engine.kv_pool import KVLayout
+from nextserve.engine.state_pool import StateLayout
 from nextserve.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -67,28 +67,8 @@ def cache_budget_bytes(cfg: EngineConfig, device: torch.device, weight_bytes: in
     return cfg.cpu_cache_bytes
 
 
-def plan_capacity(
-    mc: ModelConfig,
-    cfg: EngineConfig,
-    budget: int,
-    dtype: torch.dtype,
-    kv_heads: int,
-    conv_dim: int,
-    hv: int,
-    num_attention_layers: int,
-) -> Capacity:
-    ssm_dtype = getattr(torch, cfg.mamba_ssm_dtype)
-    slot_bytes = StatePool.bytes_per_slot(
-        len(mc.linear_attention_layers),
-        conv_dim,
-        mc.linear_conv_kernel_dim,
-        hv,
-        mc.linear_key_head_dim,
-        mc.linear_value_head_dim,
-        dtype,
-        ssm_dtype,
-    )
-    page_bytes = KVPool.bytes_per_page(num_attention_layers, cfg.page_size, kv_heads, mc.head_dim, dtype)
+def plan_capacity(mc: ModelConfig, cfg: EngineConfig, budget: int, kv: KVLayout, state: StateLayout) -> Capacity:
+    slot_bytes, page_bytes = state.slot_bytes, kv.page_bytes
     share = cfg.prefix_snapshot_share if cfg.prefix_caching else 0.0
     if cfg.max_mamba_cache_size is not None:
         slots = cfg.max_mamba_cache_size

@@ -9,44 +9,40 @@ Region table of `conv` ([layers, slots + 1, conv_dim, K-1]) and `ssm` ([layers, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
+@dataclass(frozen=True)
+class StateLayout:
+    """Shape of one slot: every GDN layer's conv window [conv_dim, K-1] and SSM state [Hv, dk, dv]."""
+
+    num_layers: int
+    conv_dim: int
+    conv_width: int
+    hv: int
+    dk: int
+    dv: int
+    dtype: torch.dtype
+    ssm_dtype: torch.dtype
+
+    @property
+    def slot_bytes(self) -> int:
+        conv = self.conv_dim * (self.conv_width - 1) * self.dtype.itemsize
+        return self.num_layers * (conv + self.hv * self.dk * self.dv * self.ssm_dtype.itemsize)
+
+
 class StatePool:
-    def __init__(
-        self,
-        num_layers: int,
-        num_slots: int,
-        conv_dim: int,
-        conv_width: int,
-        hv: int,
-        dk: int,
-        dv: int,
-        dtype: torch.dtype,
-        ssm_dtype: torch.dtype,
-        device: torch.device | str,
-        num_scratch: int = 0,
-    ):
-        total = num_slots + num_scratch + 1
-        self.conv = torch.zeros(num_layers, total, conv_dim, conv_width - 1, dtype=dtype, device=device)
-        self.ssm = torch.zeros(num_layers, total, hv, dk, dv, dtype=ssm_dtype, device=device)
+    def __init__(self, layout: StateLayout, num_slots: int, device: torch.device | str, num_scratch: int = 0):
+        L, total = layout, num_slots + num_scratch + 1
+        self.layout = layout
+        self.conv = torch.zeros(L.num_layers, total, L.conv_dim, L.conv_width - 1, dtype=L.dtype, device=device)
+        self.ssm = torch.zeros(L.num_layers, total, L.hv, L.dk, L.dv, dtype=L.ssm_dtype, device=device)
         self.num_slots = num_slots
         self.num_scratch = num_scratch
         self._free: list[int] = list(range(num_slots, 0, -1))
         self._scratch_free: list[int] = list(range(num_slots + num_scratch, num_slots, -1))
-
-    @staticmethod
-    def bytes_per_slot(
-        num_layers: int,
-        conv_dim: int,
-        conv_width: int,
-        hv: int,
-        dk: int,
-        dv: int,
-        dtype: torch.dtype,
-        ssm_dtype: torch.dtype,
-    ) -> int:
-        return num_layers * (conv_dim * (conv_width - 1) * dtype.itemsize + hv * dk * dv * ssm_dtype.itemsize)
 
     @property
     def num_free(self) -> int:
