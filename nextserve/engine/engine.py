@@ -27,6 +27,7 @@ from nextserve.engine.spec_decode import SpecDecoder
 from nextserve.engine.state_pool import StateLayout, StatePool
 from nextserve.loader.model_loader import load_generation_defaults, load_model, load_tokenizer
 from nextserve.model_config import ModelConfig
+from nextserve.models.weights import WeightsError
 from nextserve.outputs import RequestOutput, TokenLogprob
 from nextserve.sampling_params import SamplingParams
 
@@ -58,14 +59,21 @@ class Engine:
         self.tokenizer = load_tokenizer(model_dir)
         self.generation_defaults = load_generation_defaults(model_dir)
         torch.manual_seed(cfg.seed)
-        self.model = load_model(
-            model_dir,
-            self.model_config,
-            dtype=self.dtype,
-            device=self.device,
-            with_mtp=cfg.speculative,
-            progress=not cfg.disable_tqdm,
-        )
+        try:
+            self.model = load_model(
+                model_dir,
+                self.model_config,
+                dtype=self.dtype,
+                device=self.device,
+                with_mtp=cfg.speculative,
+                progress=not cfg.disable_tqdm,
+            )
+        except WeightsError as e:
+            if cfg.speculative and "mtp." in str(e):
+                raise ValueError(
+                    f"--speculative-algorithm {cfg.speculative_algorithm} needs the checkpoint's mtp.* weights: {e}"
+                ) from None
+            raise
         self.capacity = self._plan_capacity()
         logger.info("nextserve capacity: %s", self.capacity.describe())
         self.kv_pool = KVPool(self.kv_layout, self.capacity.num_pages, self.device)

@@ -65,14 +65,21 @@ def _conv_kernel(
     mc = c < C
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for j in tl.static_range(K):
-        # Tap j reads input t + j - (K-1): from x when >= 0, else from the saved window (position idx + K-1).
+        # Tap j reads input t + j - (K-1); inputs before the chunk (index < 0) come from the window below.
         idx = t + j - (K - 1)
-        from_x = mt[:, None] & (idx >= 0)[:, None] & mc[None, :]
-        from_s = mt[:, None] & (idx < 0)[:, None] & mc[None, :]
-        xv = tl.load(x_ptr + (start + idx)[:, None] * stride_x + c[None, :], mask=from_x, other=0.0)
-        sv = tl.load(state_ptr + (slot * C + c[None, :]) * (K - 1) + (idx + K - 1)[:, None], mask=from_s, other=0.0)
+        m = (mt & (idx >= 0))[:, None] & mc[None, :]
+        xv = tl.load(x_ptr + (start + idx)[:, None] * stride_x + c[None, :], mask=m, other=0.0)
         w = tl.load(w_ptr + c * K + j, mask=mc, other=0.0).to(tl.float32)
-        acc += (xv.to(tl.float32) + sv.to(tl.float32)) * w[None, :]
+        acc += xv.to(tl.float32) * w[None, :]
+    if i_t == 0:
+        # Only the first tile sees the saved window (kept out of the other tiles: its loads are strided and
+        # would double their instruction count). Window position p is input p-(K-1): through tap j it feeds
+        # output row p - j.
+        for p in tl.static_range(K - 1):
+            sp = tl.load(state_ptr + (slot * C + c) * (K - 1) + p, mask=mc, other=0.0).to(tl.float32)
+            for j in tl.static_range(p + 1):
+                w = tl.load(w_ptr + c * K + j, mask=mc, other=0.0).to(tl.float32)
+                acc += tl.where((t == p - j)[:, None], (w * sp)[None, :], 0.0)
     y = acc / (1.0 + tl.exp(-acc))  # SiLU
     tl.store(
         out_ptr + (start + t)[:, None] * C + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mt[:, None] & mc[None, :]
