@@ -22,6 +22,7 @@ _NEUTRAL: dict[str, float | int] = {
 }
 
 MAX_LOGPROBS = 20
+_GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -115,5 +116,6 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Whether sampling reduces to argmax: temperature 0 or top_k 1 (an unset field counts as neutral)."""
-        return self.temperature == 0 or self.top_k == 1
+        """Whether sampling reduces to argmax: temperature 0 (below 1e-5, as vLLM: dividing by a tinier one would
+        overflow the logits) or top_k 1; an unset field counts as neutral."""
+        return (self.temperature is not None and self.temperature < _GREEDY_TEMPERATURE) or self.top_k == 1

@@ -82,3 +82,9 @@ def test_greedy():
     assert not SamplingParams(temperature=0.7, top_k=2).greedy
     assert not SamplingParams().resolved({"temperature": 0.6}).greedy
     assert SamplingParams().resolved({"temperature": 0.0}).greedy
+
+
+def test_tiny_temperature_is_greedy():
+    """vLLM's rule: a temperature below 1e-5 is greedy (dividing logits by it would overflow)."""
+    assert SamplingParams(temperature=1e-30).resolved().greedy
+    assert not SamplingParams(temperature=1e-3).resolved().greedy
