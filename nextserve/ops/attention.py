@@ -32,6 +32,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] (new tokens) -> [T, Hq, D]."""
     write_kv(k, v, k_cache, v_cache, batch)
+    if batch.is_decode:
+        return _decode_attention(q, k_cache, v_cache, batch, scale)
     ps = batch.page_size
     group = q.shape[1] // k_cache.shape[2]
     out = torch.empty_like(q)
@@ -54,3 +56,23 @@ def paged_attention(
         out[start : start + n] = o.transpose(0, 1)
         start += n
     return out
+
+
+def _decode_attention(q, k_cache, v_cache, batch: ForwardBatch, scale: float) -> torch.Tensor:
+    """One query per sequence, all sequences at once: gather each sequence's pages into [B, L_max] and mask."""
+    B, ps = q.shape[0], batch.page_size
+    lens = batch.cached_lens_t.long() + 1  # [B] context incl. the new token
+    max_len = max(batch.context_lens)
+    pages = batch.page_table[:, : (max_len + ps - 1) // ps].long()  # [B, P]
+    kb = k_cache[pages].flatten(1, 2)[:, :max_len].to(q.dtype)  # [B, L, Hkv, D]
+    vb = v_cache[pages].flatten(1, 2)[:, :max_len].to(q.dtype)
+    group = q.shape[1] // k_cache.shape[2]
+    mask = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [B, L]
+    o = F.scaled_dot_product_attention(
+        q[:, :, None, :],  # [B, Hq, 1, D]
+        kb.repeat_interleave(group, dim=2).transpose(1, 2),  # [B, Hq, L, D]
+        vb.repeat_interleave(group, dim=2).transpose(1, 2),
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+    )
+    return o[:, :, 0, :]

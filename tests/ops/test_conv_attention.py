@@ -52,3 +52,29 @@ def test_conv_snapshot_is_the_window_at_its_offset():
     causal_conv1d(x, w, states, ForwardBatch.build([T], [0], [1], [[1]], 16, snapshots=[(0, 6, 2)]))
     assert torch.allclose(states[2], x[3:6].t())
     assert torch.allclose(states[1], x[-3:].t())
+
+
+def test_batched_decode_attention_equals_per_sequence():
+    Hq, Hkv, D, ps = 4, 2, 8, 4
+    g = torch.Generator().manual_seed(3)
+    kc, vc = torch.randn(20, ps, Hkv, D, generator=g), torch.randn(20, ps, Hkv, D, generator=g)
+    lens = [1, 6, 13]
+    tables = [[3], [5, 9], [2, 7, 11, 4]]
+    q = torch.randn(3, Hq, D, generator=g)
+    k, v = torch.randn(3, Hkv, D, generator=g), torch.randn(3, Hkv, D, generator=g)
+    batch = ForwardBatch.build([1, 1, 1], [n - 1 for n in lens], [1, 2, 3], tables, ps)
+    out = paged_attention(q, k, v, kc.clone(), vc.clone(), batch, D**-0.5)
+    for b, (n, t) in enumerate(zip(lens, tables)):
+        # A second row of two tokens keeps this batch off the decode path: the per-sequence reference.
+        one = ForwardBatch.build([1, 2], [n - 1, 0], [1, 2], [t, [19]], ps)
+        ref = paged_attention(
+            torch.cat([q[b : b + 1], q[:2]]),
+            torch.cat([k[b : b + 1], k[:2]]),
+            torch.cat([v[b : b + 1], v[:2]]),
+            kc.clone(),
+            vc.clone(),
+            one,
+            D**-0.5,
+        )
+        assert not one.is_decode
+        assert torch.allclose(out[b], ref[0], atol=1e-5)
