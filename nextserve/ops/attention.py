@@ -60,7 +60,7 @@ def paged_attention(
 
 def _decode_attention(q, k_cache, v_cache, batch: ForwardBatch, scale: float) -> torch.Tensor:
     """One query per sequence, all sequences at once: gather each sequence's pages into [B, L_max] and mask."""
-    B, ps = q.shape[0], batch.page_size
+    ps = batch.page_size
     lens = batch.cached_lens_t.long() + 1  # [B] context incl. the new token
     max_len = max(batch.context_lens)
     pages = batch.page_table[:, : (max_len + ps - 1) // ps].long()  # [B, P]
