@@ -1,17 +1,18 @@
 """Build the tiny built-in Qwen3-Next model shipped in ``nextserve/assets/tiny-qwen3-next/``.
 
 Contract: running this script with the same corpus and flags rewrites the same folder with the same files
-(fixed seeds, single-threaded tokenizer training, deterministic CPU training for a bounded number of steps):
+(fixed seeds, single-threaded tokenizer training, CPU training for fixed step counts; the --train-seconds budget
+only cuts a run short on a slow machine, and then says so):
 
-    python scripts/make_tiny_model.py                       # tokenizer + weights (~10 min on 2 CPU cores)
+    python scripts/make_tiny_model.py                       # tokenizer + weights (~9 min on 2 idle CPU cores)
     python scripts/make_tiny_model.py --tokenizer-only      # tokenizer, chat template, configs only
 
 Stage 1 trains a byte-level BPE tokenizer (~1000 merges) on tinyshakespeare and appends Qwen's 26 added tokens
 in Qwen's order, so token *strings* and their relative order match the real model (ids do not: they start right
 after the learned vocabulary). Stage 2 trains a 4-layer ``Qwen3NextForCausalLM`` (3 Gated DeltaNet + 1 gated
-attention layer, 8-expert MoE) with transformers on CPU, adds an MTP module, and saves the checkpoint in bf16 with
-the per-expert tensor names of the real Qwen3-Next checkpoints. The corpus is read here only; the package ships
-the result and never reads the corpus at run time.
+attention layer, 8-expert MoE) with transformers on CPU, adds and trains an MTP module on the frozen model, and
+saves the checkpoint in bf16 with the per-expert tensor names of the real Qwen3-Next checkpoints. The corpus is
+read here only; the package ships the result and never reads the corpus at run time.
 """
 
 from __future__ import annotations
