@@ -283,7 +283,22 @@ class Engine:
             self._append_token(seq, tok)
 
     def _draft(self, scheduled, hidden: torch.Tensor, starts: dict, t_target: float, target_tokens: int) -> None:
-        """MTP pass over every position committed this step, then drafts for the sequences about to decode."""
+        """MTP pass over every position committed this step, then drafts for the sequences about to decode.
+
+        When the policy chooses no drafts the MTP pass is skipped too, so plain decoding costs nothing extra; the
+        positions decoded meanwhile are missing from the MTP layer's cache, which only lowers later acceptance
+        (verification keeps the output exact)."""
+        decoding = [
+            s.seq
+            for s in scheduled
+            if s.seq.finish_reason is None and s.seq.num_uncached == 1 and s.seq.slot is not None
+        ]
+        k = self.spec.policy.choose(len(decoding)) if decoding else 0
+        if k == 0:
+            for seq in decoding:
+                seq.draft, seq.draft_probs = [], None
+            self.spec.policy.observe_step(target_tokens, t_target, 0.0, 0)
+            return
         t0 = time.perf_counter()
         items = []
         for s in scheduled:
@@ -293,15 +308,8 @@ class Engine:
             if n > 0 and seq.num_cached < len(seq.token_ids):
                 items.append((seq, first, hidden[row : row + n]))
         last = self.spec.mtp_pass(items)
-        decoding = [
-            s.seq
-            for s in scheduled
-            if s.seq.finish_reason is None and s.seq.num_uncached == 1 and s.seq.slot is not None
-        ]
-        k = self.spec.policy.choose(len(decoding)) if decoding else 0
         self.spec.propose(decoding, last, k)
-        t_mtp = time.perf_counter() - t0
-        self.spec.policy.observe_step(target_tokens, t_target, t_mtp, k)
+        self.spec.policy.observe_step(target_tokens, t_target, time.perf_counter() - t0, k)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         p = seq.params
