@@ -45,6 +45,12 @@ class ForwardBatch:
         return all(n == 1 for n in self.query_lens)
 
     @property
+    def uniform_len(self) -> int | None:
+        """The common number of new tokens when every sequence brings the same (decode: 1; verify: k+1)."""
+        n = self.query_lens[0] if self.query_lens else None
+        return n if n and all(q == n for q in self.query_lens) else None
+
+    @property
     def context_lens(self) -> list[int]:
         return [c + q for c, q in zip(self.cached_lens, self.query_lens)]
 

@@ -245,13 +245,16 @@ class Engine:
         scratch_of = {}
         for b, offset, slot in scratch:
             scratch_of.setdefault(scheduled[b].seq.seq_id, {})[offset] = slot
-        for i, s in enumerate(sampling):
-            if not s.draft:
-                continue
+        verify = [i for i, s in enumerate(sampling) if s.draft]
+        groups = [logits[offsets[i] : offsets[i] + sampling[i].num_tokens] for i in verify]
+        rows = [
+            [self.sampling_row(sampling[i].seq, sampling[i].draft[:j]) for j in range(sampling[i].num_tokens)]
+            for i in verify
+        ]
+        accepted = self.spec.verify_all([sampling[i] for i in verify], groups, rows) if verify else []
+        for i, group, tokens in zip(verify, groups, accepted):
+            s = sampling[i]
             seq = s.seq
-            group = logits[offsets[i] : offsets[i] + s.num_tokens]
-            rows = [self.sampling_row(seq, s.draft[:j]) for j in range(s.num_tokens)]
-            tokens = self.spec.verify(s, group, rows)
             consumed = len(tokens)  # last sampled token + accepted drafts are now cached
             seq.num_cached += consumed
             slots = scratch_of.get(seq.seq_id, {})

@@ -108,6 +108,7 @@ class DraftPolicy:
 
     def choose(self, batch_size: int) -> int:
         if self.fixed or self.max_steps == 0:
+            self.last_choice = self.max_steps
             return self.max_steps
         t0, t1 = self._fit()
         best_k, best_rate = 0, 0.0
@@ -154,39 +155,50 @@ class SpecDecoder:
         return plan
 
     # ---- acceptance ----------------------------------------------------------------------------------------
-    def verify(self, s, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
-        """Tokens to append for a verify row group: accepted drafts, then the target's token."""
+    def verify_all(self, scheduled, groups: list[torch.Tensor], rows: list[list[SamplingRow]]) -> list[list[int]]:
+        """Tokens to append per verify group: accepted drafts, then the target's own token. Greedy groups are
+        decided together by one sampler call over all their rows; sampled groups one by one."""
+        out: list[list[int] | None] = [None] * len(scheduled)
+        greedy = [i for i, s in enumerate(scheduled) if s.seq.params.greedy]
+        if greedy:
+            flat_rows = [r for i in greedy for r in rows[i]]
+            logits = torch.cat([groups[i] for i in greedy])
+            target = sample(logits, build_sampling_batch(flat_rows, logits.shape[-1], self.engine.device))
+            target = target.token_ids.tolist()
+            start = 0
+            for i in greedy:
+                draft, n = scheduled[i].draft, len(rows[i])
+                t = target[start : start + n]
+                start += n
+                j = 0
+                while j < len(draft) and draft[j] == t[j]:
+                    j += 1
+                out[i] = draft[:j] + [t[j]]
+        for i, s in enumerate(scheduled):
+            if out[i] is None:
+                out[i] = self._rejection_sample(s, groups[i], rows[i])
+        for s, tokens in zip(scheduled, out):
+            self.stats.record(len(s.draft), len(tokens) - 1)
+            self.policy.observe_acceptance(len(s.draft), len(tokens) - 1)
+        return out
+
+    def _rejection_sample(self, s, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+        """Accept d_i with probability min(1, p(d_i)/q(d_i)); on rejection draw from norm(max(p - q, 0)); if all
+        are accepted, draw the bonus token from p. The committed tokens follow the target distribution."""
         seq, draft = s.seq, s.draft
-        batch = build_sampling_batch(rows, logits.shape[-1], self.engine.device)
-        if seq.params.greedy:
-            target = sample(logits, batch).token_ids.tolist()
-            j = 0
-            while j < len(draft) and draft[j] == target[j]:
-                j += 1
-            tokens = draft[:j] + [target[j]]
-        else:
-            p = torch.softmax(process_logits(logits, batch), dim=-1)
-            q = seq.draft_probs
-            gen = seq.generator
-            tokens = []
-            for i, d in enumerate(draft):
-                u = (
-                    torch.rand((), generator=gen, device=p.device)
-                    if gen is not None
-                    else torch.rand((), device=p.device)
-                )
-                if u.item() < min(1.0, (p[i, d] / q[i, d].clamp_min(1e-20)).item()):
-                    tokens.append(d)
-                    continue
-                residual = (p[i] - q[i]).clamp_min(0)
-                residual = residual / residual.sum() if residual.sum() > 0 else p[i]
-                tokens.append(int(torch.multinomial(residual, 1, generator=gen).item()))
-                break
-            else:
-                tokens.append(int(torch.multinomial(p[len(draft)], 1, generator=gen).item()))
-        accepted = len(tokens) - 1
-        self.stats.record(len(draft), accepted)
-        self.policy.observe_acceptance(len(draft), accepted)
+        p = torch.softmax(process_logits(logits, build_sampling_batch(rows, logits.shape[-1], self.engine.device)), -1)
+        q, gen = seq.draft_probs, seq.generator
+        tokens = []
+        for i, d in enumerate(draft):
+            u = torch.rand((), generator=gen, device=p.device) if gen is not None else torch.rand((), device=p.device)
+            if u.item() < min(1.0, (p[i, d] / q[i, d].clamp_min(1e-20)).item()):
+                tokens.append(d)
+                continue
+            residual = (p[i] - q[i]).clamp_min(0)
+            residual = residual / residual.sum() if residual.sum() > 0 else p[i]
+            tokens.append(int(torch.multinomial(residual, 1, generator=gen).item()))
+            return tokens
+        tokens.append(int(torch.multinomial(p[len(draft)], 1, generator=gen).item()))
         return tokens
 
     # ---- MTP pass over committed positions, then drafting --------------------------------------------------

@@ -20,16 +20,18 @@ except ImportError:
     conv1d_triton = None
 
 
+# Uniform batches (every sequence the same number of new tokens) up to this length take the batched path.
+UNIFORM_MAX = 8
+
+
 def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor, batch: ForwardBatch
 ) -> torch.Tensor:
     if x.is_cuda and conv1d_triton is not None:
         return conv1d_triton.causal_conv1d(x, weight, conv_states, batch)
-    if batch.is_decode:
-        y = _conv1d_decode(x, weight, conv_states, batch.state_slots)
-        for b, _, dst in batch.snapshots:  # offset is 1: the window after the step
-            conv_states[dst] = conv_states[batch.state_slots[b]]
-        return y
+    n = batch.uniform_len
+    if n is not None and n <= UNIFORM_MAX:
+        return _conv1d_uniform(x, weight, conv_states, batch, n)
     out = torch.empty_like(x)
     k1 = weight.shape[1] - 1
     start = 0
@@ -46,10 +48,16 @@ def causal_conv1d(
     return out
 
 
-def _conv1d_decode(
-    x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor, slots: torch.Tensor
+def _conv1d_uniform(
+    x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor, batch: ForwardBatch, n: int
 ) -> torch.Tensor:
-    window = torch.cat([conv_states[slots].to(x.dtype), x.unsqueeze(-1)], dim=-1)  # [B, C, K]
-    y = (window.to(weight.dtype) * weight).sum(-1)
-    conv_states[slots] = window[:, :, 1:].to(conv_states.dtype)
-    return F.silu(y).to(x.dtype)
+    """Every sequence brings n tokens (decode, speculative verify): all windows at once, [B, C, K-1+n]."""
+    B, C = len(batch.query_lens), x.shape[1]
+    k1 = weight.shape[1] - 1
+    slots = batch.state_slots
+    u = torch.cat([conv_states[slots].to(x.dtype), x.view(B, n, C).transpose(1, 2)], dim=-1)
+    y = (u.unfold(2, k1 + 1, 1).to(weight.dtype) * weight[:, None, :]).sum(-1)  # [B, C, n]
+    for b, offset, dst in batch.snapshots:
+        conv_states[dst] = u[b, :, offset : offset + k1].to(conv_states.dtype)
+    conv_states[slots] = u[:, :, -k1:].to(conv_states.dtype)
+    return F.silu(y).transpose(1, 2).reshape(B * n, C).to(x.dtype)

@@ -20,6 +20,8 @@ except ImportError:
     gdn_cuda = None
 
 CHUNK = 64
+# Uniform batches (every sequence the same number of new tokens) up to this length use the batched recurrent form.
+UNIFORM_RECURRENT_MAX = 8
 
 
 def _prepare(q, k, v, g, beta):
@@ -37,20 +39,23 @@ def _l2norm(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
 
 
-def recurrent_gated_delta_rule(q, k, v, g, beta, state):
+def recurrent_gated_delta_rule(q, k, v, g, beta, state, keep_steps: bool = False):
     """Token-by-token reference. Shapes [..., T, H, d] with any leading batch dims; state [..., Hv, dk, dv] fp32.
-    Returns (o [..., T, Hv, dv] in v.dtype, final state fp32)."""
+    Returns (o [..., T, Hv, dv] in v.dtype, final state fp32), plus the state after every step with keep_steps."""
     dtype = v.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta)
     s = state.float().clone()
-    outs = []
+    outs, steps = [], []
     for t in range(q.shape[-3]):
         s = s * g[..., t, :, None, None].exp()
         pred = torch.einsum("...hkv,...hk->...hv", s, k[..., t, :, :])
         u = beta[..., t, :, None] * (v[..., t, :, :] - pred)
         s = s + k[..., t, :, :, None] * u[..., None, :]
         outs.append(torch.einsum("...hkv,...hk->...hv", s, q[..., t, :, :]))
-    return torch.stack(outs, dim=-3).to(dtype), s
+        if keep_steps:
+            steps.append(s)
+    o = torch.stack(outs, dim=-3).to(dtype)
+    return (o, s, steps) if keep_steps else (o, s)
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk: int = CHUNK):
@@ -106,15 +111,19 @@ def gated_delta_rule(
     if q.is_cuda and gdn_cuda is not None and gdn_cuda.can_run(batch):
         return gdn_cuda.gated_delta_rule(q, k, v, g, beta, ssm_states, batch)
     slots = batch.state_slots
-    if batch.is_decode:
-        # One token per sequence: one recurrent step for the whole batch, states gathered by slot.
-        o, s = recurrent_gated_delta_rule(
-            q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], ssm_states[slots]
+    n = batch.uniform_len
+    if n is not None and n <= UNIFORM_RECURRENT_MAX:
+        # Every sequence brings the same few tokens (decode, speculative verify): the recurrent form over the
+        # whole batch at once, states gathered by slot; snapshots read the state after their offset.
+        B = len(batch.query_lens)
+        shape = lambda x: x.view(B, n, *x.shape[1:])  # noqa: E731  [T, ...] -> [B, n, ...]
+        o, s, steps = recurrent_gated_delta_rule(
+            shape(q), shape(k), shape(v), shape(g), shape(beta), ssm_states[slots], keep_steps=True
         )
+        for b, offset, dst in batch.snapshots:
+            ssm_states[dst] = steps[offset - 1][b].to(ssm_states.dtype)
         ssm_states[slots] = s.to(ssm_states.dtype)
-        for b, _, dst in batch.snapshots:  # offset is 1: the state after the step
-            ssm_states[dst] = ssm_states[slots[b]]
-        return o[:, 0]
+        return o.reshape(v.shape)
     out = torch.empty_like(v)
     start = 0
     for b, n in enumerate(batch.query_lens):

@@ -78,3 +78,25 @@ def test_batched_decode_attention_equals_per_sequence():
         )
         assert not one.is_decode
         assert torch.allclose(out[b], ref[0], atol=1e-5)
+
+
+def test_conv_uniform_batch_with_snapshots():
+    """Two sequences of 3 tokens (the verify shape) against the per-sequence path, snapshot after 2 tokens."""
+    C, K, n = 5, 4, 3
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(2 * n, C, generator=g), torch.randn(C, K, generator=g)
+    states = torch.randn(6, C, K - 1, generator=g)
+    before = states.clone()
+    out = causal_conv1d(x, w, states, ForwardBatch.build([n, n], [0, 0], [1, 2], [[1], [1]], 16, snapshots=[(1, 2, 5)]))
+    for b, slot in enumerate((1, 2)):
+        ref_states = before.clone()
+        # A second row of another length keeps the reference batch off the uniform path.
+        ref = causal_conv1d(
+            torch.cat([x[b * n : (b + 1) * n], torch.zeros(2, C)]),
+            w,
+            ref_states,
+            ForwardBatch.build([n, 2], [0, 0], [slot, 4], [[1], [1]], 16),
+        )
+        assert torch.allclose(out[b * n : (b + 1) * n], ref[:n], atol=1e-6)
+        assert torch.allclose(states[slot], ref_states[slot], atol=1e-6)
+    assert torch.allclose(states[5], torch.cat([before[2], x[n:].t()], dim=1)[:, 2 : 2 + K - 1], atol=1e-6)

@@ -84,3 +84,24 @@ def test_snapshot_inside_a_chunk_is_the_state_at_that_offset():
         assert (pool[slot] - s).abs().max() < 1e-5
     _, s = recurrent_gated_delta_rule(q, k, v, g, b, s0)
     assert (pool[1] - s).abs().max() < 1e-5
+
+
+def test_uniform_batch_with_snapshots_matches_per_sequence():
+    """The verify shape: every sequence brings 3 tokens; snapshots after 1 and 2 of them."""
+    seqs = [inputs(3, seed=20 + i) for i in range(4)]
+    cat = [torch.cat([s[j] for s in seqs]) for j in range(5)]
+    pool = torch.zeros(20, 4, 16, 8)
+    slots = [2, 5, 7, 9]
+    for slot, s in zip(slots, seqs):
+        pool[slot] = s[5]
+    snaps = [(b, o, 10 + 2 * b + o - 1) for b in range(4) for o in (1, 2)]
+    batch = ForwardBatch.build([3] * 4, [0] * 4, slots, [[1]] * 4, 128, snapshots=snaps)
+    assert batch.uniform_len == 3
+    out = gated_delta_rule(*cat, pool, batch)
+    for b, (slot, s) in enumerate(zip(slots, seqs)):
+        o, st = recurrent_gated_delta_rule(*s)
+        assert (out[3 * b : 3 * b + 3] - o).abs().max() < 1e-5
+        assert (pool[slot] - st).abs().max() < 1e-5
+        for off in (1, 2):
+            _, mid = recurrent_gated_delta_rule(*(x[:off] for x in s[:5]), s[5])
+            assert (pool[10 + 2 * b + off - 1] - mid).abs().max() < 1e-5

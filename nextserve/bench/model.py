@@ -1,0 +1,475 @@
+"""`nextserve bench model`: decode and prefill throughput of the model itself against a roofline measured in the
+same run, on random weights of a named geometry (no checkpoint, scheduler or sampler), optionally beside
+transformers' model on the same weights.
+
+Decode point (B, C): B sequences whose KV is C tokens long and whose state slots hold random state; a step is one
+token per sequence at position C (forward + lm_head), timed over --decode-steps steps per repetition (median).
+Prefill point N: one sequence of N tokens in chunks of --max-num-batched-tokens, as the engine schedules it.
+
+Roofline: copy bandwidth (device-to-device copy, bytes read + written / time) and matmul rate (a square GEMM in
+the run's dtype, 2n^3 / time). Decode floor = bytes a step must read / bandwidth; prefill floor = FLOPs / matmul
+rate. The floors leave work out (GDN recurrence FLOPs, KV writes, activations), so they bound the time from below
+and `fraction` (measured speed / floor speed) should stay at or under about 1.
+
+Legend: B sequences in a decode step, C context (tokens already cached), N prefill length, E experts, k experts
+per token, P pages per sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import importlib.util
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from nextserve.bench.presets import (
+    PRESETS,
+    GiB,
+    check_weights_fit,
+    decode_bytes,
+    expected_experts,
+    init_random_weights,
+    kv_layout,
+    param_counts,
+    prefill_flops,
+    preset_config,
+    state_layout,
+)
+from nextserve.engine.engine import resolve_device, resolve_dtype
+from nextserve.engine.kv_pool import KVPool
+from nextserve.engine.runner import ModelRunner
+from nextserve.engine.state_pool import StatePool
+from nextserve.forward_batch import ForwardBatch
+from nextserve.model_config import ModelConfig
+from nextserve.models.qwen3_next import Qwen3NextForCausalLM, Qwen3NextSparseMoeBlock
+
+# Left free beyond the pools of a point for activations; a point that still runs out of memory is noted, not fatal.
+ACTIVATION_RESERVE = 1 * GiB
+
+
+# ---- timing ----------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, warmup: int, repeats: int, inner: int = 1) -> float:
+    """Median over `repeats` of the seconds per call of fn, timed over `inner` back-to-back calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+def measure_roofline(device: torch.device, dtype: torch.dtype, copy_bytes: int, gemm_n: int) -> dict[str, float]:
+    """Copy bandwidth (bytes read + written per second) and matmul rate (FLOP/s) of this device."""
+    return {"copy_bandwidth": _copy_bandwidth(device, copy_bytes), "matmul_rate": _matmul_rate(device, dtype, gemm_n)}
+
+
+def _copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = timed(lambda: dst.copy_(src), device, warmup=2, repeats=5, inner=5)
+    return 2 * src.numel() * src.element_size() / t
+
+
+def _matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    t = timed(lambda: torch.mm(a, b, out=out), device, warmup=2, repeats=5, inner=5)
+    return 2 * n**3 / t
+
+
+def free_memory(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
+
+
+# ---- the model and its caches -----------------------------------------------------------------------------------
+def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Qwen3NextForCausalLM:
+    with torch.device(device):
+        model = Qwen3NextForCausalLM(cfg, dtype=dtype, with_mtp=False)
+    init_random_weights(model, seed)
+    return model.eval()
+
+
+def make_runner(model, num_pages: int, num_slots: int, page_size: int, ssm_dtype: torch.dtype) -> ModelRunner:
+    """Pools for one point, filled with random KV and state, bound to the model's layers."""
+    cfg, device = model.config, next(model.parameters()).device
+    kv = KVPool(kv_layout(cfg, page_size, model.dtype), num_pages, device)
+    states = StatePool(state_layout(cfg, model.dtype, ssm_dtype), num_slots, device)
+    kv.k.normal_()
+    kv.v.normal_()
+    states.conv.normal_()
+    states.ssm.normal_(0.0, 0.1)
+    return ModelRunner(model, kv, states, device)
+
+
+def unbind(model: Qwen3NextForCausalLM) -> None:
+    """Drops the layers' views of the pools, so that a point's pools are freed with it."""
+    for attn in model.attention_layers():
+        attn.k_cache = attn.v_cache = None
+    for gdn in model.linear_attention_layers():
+        gdn.conv_state = gdn.ssm_state = None
+
+
+class ExpertCounter:
+    """Inside `with`: the distinct experts each MoE layer's router picks per forward (a check that routing on
+    random weights spreads over experts as the roofline's expert count assumes) and the top-k softmax mass."""
+
+    def __init__(self, model: Qwen3NextForCausalLM):
+        self.blocks = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, Qwen3NextSparseMoeBlock)]
+        self.distinct: list[int] = []
+        self.top_mass: list[float] = []
+
+    def _hook(self, k: int):
+        def hook(module, inputs, logits):
+            top = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
+            self.distinct.append(top.indices.unique().numel())
+            self.top_mass.append(top.values.sum(-1).mean().item())
+
+        return hook
+
+    def __enter__(self) -> ExpertCounter:
+        self.handles = [b.gate.register_forward_hook(self._hook(b.top_k)) for b in self.blocks]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# ---- points ----------------------------------------------------------------------------------------------------
+def decode_point(model, args, roofline: dict, batch: int, context: int) -> dict:
+    cfg, device = model.config, next(model.parameters()).device
+    ps, ssm_dtype = args.page_size, getattr(torch, args.mamba_ssm_dtype)
+    P = -(-(context + 1) // ps)  # the new token's KV goes at position C
+    point = {"batch": batch, "context": context}
+    need = (
+        batch * P * kv_layout(cfg, ps, model.dtype).page_bytes
+        + (batch + 1) * state_layout(cfg, model.dtype, ssm_dtype).slot_bytes
+    )
+    free = free_memory(device)
+    if free is not None and need + ACTIVATION_RESERVE > free:
+        return point | {"skipped": f"pools need {need / GiB:.1f} GiB, {free / GiB:.1f} GiB free"}
+    make_runner(model, batch * P, batch, ps, ssm_dtype)
+    fb = ForwardBatch.build(
+        query_lens=[1] * batch,
+        cached_lens=[context] * batch,
+        state_slots=list(range(1, batch + 1)),
+        page_tables=[list(range(1 + b * P, 1 + (b + 1) * P)) for b in range(batch)],
+        page_size=ps,
+        device=device,
+    )
+    ids = torch.randint(cfg.vocab_size, (batch,), device=device)
+
+    def step():
+        return model.compute_logits(model(ids, fb)[fb.logits_indices]).float()
+
+    with ExpertCounter(model) as counter:
+        step()
+    t = timed(step, device, args.warmup, args.repeats, inner=args.decode_steps)
+    cost = decode_bytes(cfg, model.dtype, ssm_dtype, batch, context)
+    floor = batch * roofline["copy_bandwidth"] / cost["total"]
+    point |= {"step_ms": t * 1e3, "tokens_per_s": batch / t, "floor_tokens_per_s": floor}
+    point |= {"fraction": point["tokens_per_s"] / floor, "bytes": cost}
+    if counter.blocks:
+        point["experts_touched"] = statistics.mean(counter.distinct)
+        point["experts_expected"] = expected_experts(cfg.num_experts, cfg.num_experts_per_tok, batch)
+        point["router_top_k_mass"] = statistics.mean(counter.top_mass)
+    return point
+
+
+def prefill_point(model, args, roofline: dict, length: int) -> dict:
+    cfg, device = model.config, next(model.parameters()).device
+    ps, chunk, ssm_dtype = args.page_size, args.max_num_batched_tokens, getattr(torch, args.mamba_ssm_dtype)
+    P = -(-length // ps)
+    point = {"length": length}
+    need = P * kv_layout(cfg, ps, model.dtype).page_bytes + 2 * state_layout(cfg, model.dtype, ssm_dtype).slot_bytes
+    free = free_memory(device)
+    if free is not None and need + ACTIVATION_RESERVE > free:
+        return point | {"skipped": f"pools need {need / GiB:.1f} GiB, {free / GiB:.1f} GiB free"}
+    runner = make_runner(model, P, 1, ps, ssm_dtype)
+    pages = list(range(1, P + 1))
+    starts = range(0, length, chunk)
+    batches = [ForwardBatch.build([min(chunk, length - s)], [s], [1], [pages], ps, device=device) for s in starts]
+    ids = torch.randint(cfg.vocab_size, (length,), device=device)
+
+    def prefill():
+        runner.states.conv[:, 1].zero_()  # a new sequence starts from the zero state
+        runner.states.ssm[:, 1].zero_()
+        for s, fb in zip(starts, batches):
+            model.compute_logits(model(ids[s : s + fb.query_lens[0]], fb)[fb.logits_indices]).float()
+
+    t = timed(prefill, device, warmup=1, repeats=args.repeats)
+    cost = prefill_flops(cfg, length, chunk)
+    floor = length * roofline["matmul_rate"] / cost["total"]
+    point |= {"seconds": t, "tokens_per_s": length / t, "floor_tokens_per_s": floor}
+    return point | {"fraction": point["tokens_per_s"] / floor, "flops": cost}
+
+
+def guarded(fn, model, args, roofline: dict, **point) -> dict:
+    """Runs one point; running out of device memory skips the point with a note instead of ending the run."""
+    try:
+        return fn(model, args, roofline, **point)
+    except torch.OutOfMemoryError:
+        pass  # handled below, outside the except block, once the traceback's frames (and tensors) are gone
+    finally:
+        unbind(model)
+    free_memory(next(model.parameters()).device)
+    return point | {"skipped": "out of device memory"}
+
+
+# ---- transformers ----------------------------------------------------------------------------------------------
+_HF_KEYS = (
+    "vocab_size hidden_size num_hidden_layers num_attention_heads num_key_value_heads head_dim linear_num_key_heads "
+    "linear_num_value_heads linear_key_head_dim linear_value_head_dim linear_conv_kernel_dim num_experts "
+    "num_experts_per_tok moe_intermediate_size shared_expert_intermediate_size intermediate_size norm_topk_prob "
+    "decoder_sparse_step rope_theta partial_rotary_factor rms_norm_eps max_position_embeddings tie_word_embeddings "
+    "full_attention_interval bos_token_id"
+).split()
+
+
+def transformers_model(model: Qwen3NextForCausalLM):
+    """transformers' Qwen3NextForCausalLM whose parameters share our tensors' storage (no second copy of the
+    weights: the names and the packed expert layout [E, 2I, H] / [E, H, I] are the same)."""
+    from transformers import Qwen3NextConfig
+    from transformers import Qwen3NextForCausalLM as HFModel
+
+    cfg = model.config
+    d = {k: getattr(cfg, k) for k in _HF_KEYS}
+    d |= {"layer_types": list(cfg.layer_types), "mlp_only_layers": list(cfg.mlp_only_layers)}
+    d["eos_token_id"] = list(cfg.eos_token_ids)
+    if cfg.rope_scaling:
+        d["rope_scaling"] = dict(cfg.rope_scaling)
+    hf_cfg = Qwen3NextConfig(**d)
+    hf_cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):  # parameters without storage; ours are put in their place
+        hf = HFModel(hf_cfg)
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    for name, p in list(hf.named_parameters(remove_duplicate=False)):
+        src = ours.get(name)
+        if src is None or src.shape != p.shape:
+            raise RuntimeError(f"transformers parameter {name} {tuple(p.shape)} has no match in nextserve's model")
+        owner, _, leaf = name.rpartition(".")
+        hf.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(src.data, requires_grad=False)
+    with torch.device(src.device):  # rotary buffers were made on meta too
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf_cfg)
+    left = [n for n, b in hf.named_buffers() if b.is_meta]
+    assert not left, f"buffers left on meta: {left}"
+    return hf.eval()
+
+
+def transformers_decode(hf, args, context: int) -> dict:
+    """transformers' decode at batch 1: prefill `context` tokens into its cache (in chunks), then time steps."""
+    device = hf.lm_head.weight.device
+    ids = torch.randint(hf.config.vocab_size, (1, context), device=device)
+    cache = None
+    for s in range(0, context, args.max_num_batched_tokens):
+        out = hf(ids[:, s : s + args.max_num_batched_tokens], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+    tok = ids[:, -1:]
+    t = timed(
+        lambda: hf(tok, past_key_values=cache, use_cache=True), device, args.warmup, args.repeats, args.decode_steps
+    )
+    return {"context": context, "step_ms": t * 1e3, "tokens_per_s": 1 / t}
+
+
+def compare_transformers(model, args, roofline: dict, decode: list[dict], notes: list[str]) -> list[dict]:
+    try:
+        import transformers
+    except ImportError:
+        notes.append("transformers comparison skipped: transformers is not installed")
+        return []
+    # Which GDN kernels transformers found decides much of its speed: say so beside the numbers.
+    fla = importlib.util.find_spec("fla") is not None
+    kernels = "flash-linear-attention" if fla else "its torch reference (flash-linear-attention not installed)"
+    notes.append(f"transformers {transformers.__version__}, gated delta rule through {kernels}")
+    hf = transformers_model(model)
+    rows = []
+    for context in args.contexts:
+        ours = next((p for p in decode if p["batch"] == 1 and p["context"] == context), None)
+        if ours is None:
+            ours = guarded(decode_point, model, args, roofline, batch=1, context=context)
+        if "skipped" in ours:
+            rows.append({"context": context, "skipped": f"nextserve point skipped: {ours['skipped']}"})
+            continue
+        # Its cache grows by concatenation, so the KV may briefly exist twice.
+        need = 2 * context * kv_layout(model.config, 1, model.dtype).page_bytes
+        free = free_memory(hf.lm_head.weight.device)
+        if free is not None and need + ACTIVATION_RESERVE > free:
+            rows.append({"context": context, "skipped": f"cache needs {need / GiB:.1f} GiB, {free / GiB:.1f} free"})
+            continue
+        try:
+            row = transformers_decode(hf, args, context)
+        except torch.OutOfMemoryError:
+            row = {"context": context, "skipped": "out of device memory"}
+        free_memory(hf.lm_head.weight.device)
+        if "skipped" not in row:
+            row |= {
+                "nextserve_tokens_per_s": ours["tokens_per_s"],
+                "speedup": ours["tokens_per_s"] / row["tokens_per_s"],
+            }
+        rows.append(row)
+    return rows
+
+
+# ---- command ---------------------------------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="qwen3-next-80b-a3b", choices=sorted(PRESETS), help="model geometry")
+    parser.add_argument("--num-layers", type=int, default=None, help="first N layers (a multiple of 4)")
+    parser.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32, 64, 128], help="decode batch sizes")
+    parser.add_argument("--contexts", type=_int_list, default=[1024, 32768], help="decode KV lengths per sequence")
+    parser.add_argument("--prefill-lens", type=_int_list, default=[2048, 8192, 32768], help="prefill lengths")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="prefill chunk size")
+    parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
+    parser.add_argument("--mamba-ssm-dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--decode-steps", type=int, default=10, help="decode steps per timed repetition")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (the median is reported)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-transformers", action="store_true", help="also time transformers' decode")
+    parser.add_argument("--output-json", default=None)
+
+
+def _check(args: argparse.Namespace, cfg: ModelConfig) -> None:
+    for flag in ("max_num_batched_tokens", "page_size", "decode_steps", "repeats"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        raise ValueError("--warmup must be >= 0")
+    longest = max(max(args.contexts) + 1, max(args.prefill_lens))
+    if longest > cfg.max_position_embeddings:
+        raise ValueError(f"{longest} tokens exceed max_position_embeddings {cfg.max_position_embeddings}")
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run, every flag spelled out."""
+    parts = ["nextserve bench model"]
+    for key, value in vars(args).items():
+        if key.startswith("_") or key in ("command", "subcommand", "output_json"):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts += [flag] if value else []
+        elif value is not None:
+            parts += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return " ".join(parts)
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    cfg = preset_config(args.preset, args.num_layers)
+    _check(args, cfg)
+    weight_bytes = check_weights_fit(cfg, dtype, free_memory(device), args.preset)  # before building anything
+    cuda = device.type == "cuda"
+    device_name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    print(
+        f"bench model: {args.preset}, {cfg.num_hidden_layers} layers ({len(cfg.linear_attention_layers)} GDN + "
+        f"{len(cfg.full_attention_layers)} attention), {weight_bytes / GiB:.2f} GiB of weights, "
+        f"{str(dtype).removeprefix('torch.')} on {device} ({device_name})"
+    )
+    roofline = measure_roofline(device, dtype, copy_bytes=GiB if cuda else 32 * 2**20, gemm_n=8192 if cuda else 256)
+    print(
+        f"roofline: copy {roofline['copy_bandwidth'] / 1e9:.1f} GB/s, "
+        f"{str(dtype).removeprefix('torch.')} matmul {roofline['matmul_rate'] / 1e12:.3g} TFLOP/s"
+    )
+    torch.manual_seed(args.seed)
+    model = build_model(cfg, device, dtype, args.seed)
+    notes: list[str] = []
+    with torch.inference_mode():
+        decode = [
+            guarded(decode_point, model, args, roofline, batch=b, context=c)
+            for c in args.contexts
+            for b in args.batch_sizes
+        ]
+        prefill = [guarded(prefill_point, model, args, roofline, length=n) for n in args.prefill_lens]
+        hf = compare_transformers(model, args, roofline, decode, notes) if args.compare_transformers else []
+    result = {
+        "preset": args.preset,
+        "num_layers": cfg.num_hidden_layers,
+        "device": str(device),
+        "device_name": device_name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "mamba_ssm_dtype": args.mamba_ssm_dtype,
+        "torch_version": torch.__version__,
+        "git_revision": _git_revision(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": _command(args),
+        "page_size": args.page_size,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "weight_bytes": weight_bytes,
+        "params": dataclasses.asdict(param_counts(cfg)),
+        "roofline": roofline,
+        "decode": decode,
+        "prefill": prefill,
+        "transformers": hf,
+        "notes": notes,
+    }
+    print_table(result)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def print_table(result: dict) -> None:
+    rows = [(f"decode B={p['batch']} C={p['context']}", p) for p in result["decode"]]
+    rows += [(f"prefill N={p['length']}", p) for p in result["prefill"]]
+    print(f"\n{'point':<28}{'tokens/s':>12}{'floor tok/s':>14}{'fraction':>10}")
+    for name, p in rows:
+        if "skipped" in p:
+            print(f"{name:<28}  skipped: {p['skipped']}")
+        else:
+            print(f"{name:<28}{p['tokens_per_s']:>12.1f}{p['floor_tokens_per_s']:>14.1f}{p['fraction']:>10.3f}")
+    for p in result["transformers"]:
+        name = f"transformers B=1 C={p['context']}"
+        if "skipped" in p:
+            print(f"{name:<28}  skipped: {p['skipped']}")
+        else:
+            print(f"{name:<28}{p['tokens_per_s']:>12.1f}  nextserve {p['speedup']:.2f}x faster")
+    for note in result["notes"]:
+        print(f"note: {note}")

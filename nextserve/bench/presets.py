@@ -1,0 +1,251 @@
+"""Model geometries for benchmarks, by name, and random weights with realistic scales (no checkpoint on disk).
+
+`preset_config(name, num_layers)` returns the ModelConfig of a named geometry, optionally cut to its first
+`num_layers` layers (a multiple of the full-attention interval, so the 3 GDN : 1 attention pattern is kept: 12
+layers of the 80B are 9 GDN + 3 attention). `param_counts(cfg)` counts every part's parameters from the config alone,
+so the weights' size is known before anything is built (`check_weights_fit`). The roofline's cost model lives here
+too: `decode_bytes` (bytes one decode step must move) and `prefill_flops` (FLOPs of one prefill).
+`init_random_weights(model)` fills a built model in place.
+
+Random scales (what makes the timings representative, not the values):
+  linears, experts, conv     N(0, 1/sqrt(fan_in)): activations keep unit scale through the layers
+  router (mlp.gate)          N(0, router_logit_std/sqrt(H)): logits of unit-RMS inputs get that std, so softmax
+                             over 512 experts puts a trained-router-like share (about half) on the top 10 and
+                             tokens spread over all experts
+  zero-centred RMSNorms      N(0, 0.02) around 0 (gain 1 + w)
+  gated norm (GDN)           N(1, 0.02)
+  A_log, dt_bias             transformers' initialisation: log U(0.01, 16) and 1
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from nextserve.engine.kv_pool import KVLayout
+from nextserve.engine.state_pool import StateLayout
+from nextserve.model_config import ModelConfig
+
+GiB = 2**30
+
+PRESETS: dict[str, dict] = {
+    # spec section 1
+    "qwen3-next-80b-a3b": dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        num_hidden_layers=48,
+        full_attention_interval=4,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=256,
+        linear_num_key_heads=16,
+        linear_num_value_heads=32,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+        num_experts=512,
+        num_experts_per_tok=10,
+        moe_intermediate_size=512,
+        shared_expert_intermediate_size=512,
+        intermediate_size=5120,
+        norm_topk_prob=True,
+        rope_theta=10_000_000.0,
+        partial_rotary_factor=0.25,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=262144,
+        tie_word_embeddings=False,
+    ),
+    # Same shape of model, small enough for CPU tests (3 GDN + 1 attention layer).
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=4,
+        full_attention_interval=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        intermediate_size=128,
+        norm_topk_prob=True,
+        rope_theta=10_000.0,
+        partial_rotary_factor=0.25,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=65536,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+    ),
+}
+
+
+def preset_config(name: str, num_layers: int | None = None) -> ModelConfig:
+    """The named geometry, cut to its first `num_layers` layers (None: all of them)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    d = dict(PRESETS[name])
+    if num_layers is not None:
+        full, interval = d["num_hidden_layers"], d["full_attention_interval"]
+        if not 0 < num_layers <= full or num_layers % interval:
+            raise ValueError(
+                f"--num-layers {num_layers}: {name} takes a multiple of {interval} layers from {interval} to {full} "
+                f"(keeps {interval - 1} GDN layers per attention layer)"
+            )
+        d["num_hidden_layers"] = num_layers
+    return ModelConfig.from_dict(d)
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters of one geometry by part (single rank, no MTP head)."""
+
+    embed: int  # embed_tokens
+    lm_head: int  # 0 when tied to the embedding
+    dense: int  # everything else except the routed experts: attention, GDN, norms, routers, shared experts
+    expert: int  # one routed expert of one layer (gate, up and down projections)
+    num_experts: int  # routed experts per MoE layer
+    num_moe_layers: int
+
+    @property
+    def routed(self) -> int:
+        return self.num_moe_layers * self.num_experts * self.expert
+
+    @property
+    def total(self) -> int:
+        return self.embed + self.lm_head + self.dense + self.routed
+
+
+def param_counts(cfg: ModelConfig) -> ParamCounts:
+    """Counts what Qwen3NextForCausalLM(cfg, with_mtp=False) allocates, from the config alone."""
+    H, D = cfg.hidden_size, cfg.head_dim
+    attention = (
+        H * cfg.num_attention_heads * D * 2  # q_proj: query and gate rows per head
+        + 2 * H * cfg.num_key_value_heads * D  # k_proj, v_proj
+        + cfg.num_attention_heads * D * H  # o_proj
+        + 2 * D  # q_norm, k_norm
+    )
+    kd, vd, hv = cfg.linear_key_dim, cfg.linear_value_dim, cfg.linear_num_value_heads
+    gdn = (
+        H * (2 * kd + 2 * vd)  # in_proj_qkvz
+        + H * 2 * hv  # in_proj_ba
+        + cfg.linear_conv_dim * cfg.linear_conv_kernel_dim  # conv1d
+        + 2 * hv  # A_log, dt_bias
+        + cfg.linear_value_head_dim  # gated norm
+        + vd * H  # out_proj
+    )
+    E, I = cfg.num_experts, cfg.moe_intermediate_size
+    moe_dense = E * H + 3 * H * cfg.shared_expert_intermediate_size + H  # router, shared expert, its gate
+    dense = H  # final norm
+    num_moe = 0
+    for i, kind in enumerate(cfg.layer_types):
+        dense += 2 * H + (attention if kind == "full_attention" else gdn)  # two RMSNorms + the mixer
+        if cfg.is_moe_layer(i):
+            dense += moe_dense
+            num_moe += 1
+        else:
+            dense += 3 * H * cfg.intermediate_size
+    vocab = cfg.vocab_size * H
+    return ParamCounts(
+        embed=vocab,
+        lm_head=0 if cfg.tie_word_embeddings else vocab,
+        dense=dense,
+        expert=3 * I * H,
+        num_experts=E,
+        num_moe_layers=num_moe,
+    )
+
+
+# ---- cost model: bytes and FLOPs ----------------------------------------------------------------------------------
+def expected_experts(num_experts: int, top_k: int, tokens: int) -> float:
+    """Distinct experts that `tokens` tokens touch in one MoE layer when each picks k of E uniformly."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** tokens)
+
+
+def kv_layout(cfg: ModelConfig, page_size: int, dtype: torch.dtype) -> KVLayout:
+    return KVLayout(len(cfg.full_attention_layers), page_size, cfg.num_key_value_heads, cfg.head_dim, dtype)
+
+
+def state_layout(cfg: ModelConfig, dtype: torch.dtype, ssm_dtype: torch.dtype) -> StateLayout:
+    return StateLayout(
+        len(cfg.linear_attention_layers),
+        cfg.linear_conv_dim,
+        cfg.linear_conv_kernel_dim,
+        cfg.linear_num_value_heads,
+        cfg.linear_key_head_dim,
+        cfg.linear_value_head_dim,
+        dtype,
+        ssm_dtype,
+    )
+
+
+def decode_bytes(
+    cfg: ModelConfig, dtype: torch.dtype, ssm_dtype: torch.dtype, batch: int, context: int
+) -> dict[str, float]:
+    """Bytes one decode step must move: the weights it touches (all but the routed experts, the experts the batch
+    hits, lm_head, B embedding rows), the KV of B x C cached tokens, and every state slot read and written."""
+    n, item = param_counts(cfg), dtype.itemsize
+    experts = n.num_moe_layers * expected_experts(n.num_experts, cfg.num_experts_per_tok, batch) * n.expert
+    weights = (n.dense + n.lm_head + experts + batch * cfg.hidden_size) * item
+    kv_per_token = kv_layout(cfg, 1, dtype).page_bytes
+    kv = batch * context * kv_per_token
+    state = 2 * batch * state_layout(cfg, dtype, ssm_dtype).slot_bytes
+    return {"weights": weights, "kv": kv, "state": state, "total": weights + kv + state}
+
+
+def prefill_flops(cfg: ModelConfig, length: int, chunk: int) -> dict[str, float]:
+    """FLOPs of prefilling one sequence: 2 x active parameters per token (k routed experts + the shared one), the
+    causal attention (4 x keys x Hq x D per token per attention layer; token p sees p + 1 keys), and lm_head at
+    the last token of each chunk."""
+    n = param_counts(cfg)
+    per_token = n.dense + n.num_moe_layers * cfg.num_experts_per_tok * n.expert
+    weights = 2 * per_token * length
+    keys = length * (length + 1) // 2  # sum over tokens of the keys each one attends to
+    attention = len(cfg.full_attention_layers) * 4 * keys * cfg.num_attention_heads * cfg.head_dim
+    lm_head = 2 * cfg.hidden_size * cfg.vocab_size * math.ceil(length / chunk)
+    return {"weights": weights, "attention": attention, "lm_head": lm_head, "total": weights + attention + lm_head}
+
+
+def check_weights_fit(cfg: ModelConfig, dtype: torch.dtype, free_bytes: int | None, preset: str = "") -> int:
+    """The weights' bytes, from the config alone; ValueError when they exceed `free_bytes` (None: unchecked)."""
+    need = param_counts(cfg).total * dtype.itemsize
+    if free_bytes is not None and need > free_bytes:
+        raise ValueError(
+            f"{preset or 'the model'} with {cfg.num_hidden_layers} layers needs {need / GiB:.1f} GiB of weights in "
+            f"{str(dtype).removeprefix('torch.')}, but the device has {free_bytes / GiB:.1f} GiB free; "
+            "take fewer layers with --num-layers"
+        )
+    return need
+
+
+@torch.no_grad()
+def init_random_weights(model: torch.nn.Module, seed: int = 0, router_logit_std: float = 2.0) -> None:
+    """Fills every parameter of a built Qwen3NextForCausalLM in place, on its device, in its dtype."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = model.config.hidden_size
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            # Drawn in fp32 then cast: log U(0.01, 16), as transformers initialises it.
+            p.copy_(torch.empty(p.shape, device=device).uniform_(0.01, 16, generator=g).log_())
+        elif name.endswith("dt_bias"):
+            p.fill_(1.0)
+        elif name.endswith("linear_attn.norm.weight"):
+            p.normal_(1.0, 0.02, generator=g)
+        elif "norm" in name:
+            p.normal_(0.0, 0.02, generator=g)
+        elif name.endswith("mlp.gate.weight"):
+            p.normal_(0.0, router_logit_std / math.sqrt(hidden), generator=g)
+        elif name.endswith("embed_tokens.weight"):
+            p.normal_(0.0, 1.0, generator=g)
+        else:
+            # Linears [out, in], packed experts [E, out, in], conv [C, 1, K]: the last dim is the fan-in.
+            p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)

@@ -1,0 +1,200 @@
+"""`nextserve bench model` on CPU: the tiny preset end to end, the byte / FLOP cost model on a hand-counted
+geometry, the layer slice, the weight-fit check, random-weight scales and transformers on shared weights."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nextserve import cli
+from nextserve.bench import model as bench_model
+from nextserve.bench.presets import (
+    check_weights_fit,
+    decode_bytes,
+    expected_experts,
+    param_counts,
+    prefill_flops,
+    preset_config,
+)
+from nextserve.forward_batch import ForwardBatch
+from nextserve.model_config import ModelConfig
+from nextserve.models.qwen3_next import Qwen3NextForCausalLM
+
+# H 4, 1 attention + 3 GDN layers, every layer MoE (4 experts, top 2): small enough to count by hand.
+HAND = dict(
+    vocab_size=10,
+    hidden_size=4,
+    num_hidden_layers=4,
+    full_attention_interval=4,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=2,
+    linear_num_key_heads=1,
+    linear_num_value_heads=2,
+    linear_key_head_dim=2,
+    linear_value_head_dim=2,
+    linear_conv_kernel_dim=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=3,
+    shared_expert_intermediate_size=5,
+    partial_rotary_factor=1.0,
+    max_position_embeddings=64,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+
+
+def test_param_counts_by_hand_and_against_the_built_model():
+    cfg = ModelConfig.from_dict(HAND)
+    n = param_counts(cfg)
+    # attention layer: q 4*8 + k,v 2*4*2 + o 4*4 + q/k norms 2*2 = 68
+    # GDN layer: qkvz 4*12 + ba 4*4 + conv 8*4 + A_log,dt_bias 4 + norm 2 + out 4*4 = 118
+    # MoE dense part: router 4*4 + shared 3*4*5 + shared gate 4 = 80; two layer norms 8; final norm 4
+    assert n.dense == 4 + 3 * (8 + 118 + 80) + (8 + 68 + 80) == 778
+    assert (n.expert, n.num_moe_layers, n.embed, n.lm_head) == (36, 4, 40, 40)
+    assert n.total == 40 + 40 + 778 + 4 * 4 * 36
+    for c in (cfg, preset_config("tiny")):
+        built = bench_model.build_model(c, torch.device("cpu"), torch.float32)
+        assert sum(p.numel() for p in built.parameters()) == param_counts(c).total
+    big = preset_config("qwen3-next-80b-a3b", 4)
+    with torch.device("meta"):  # the real geometry, without storage
+        built = Qwen3NextForCausalLM(big, dtype=torch.bfloat16, with_mtp=False)
+    assert sum(p.numel() for p in built.parameters()) == param_counts(big).total
+
+
+def test_decode_bytes_and_prefill_flops_by_hand():
+    cfg = ModelConfig.from_dict(HAND)
+    assert expected_experts(4, 2, 2) == pytest.approx(3.0)  # 4 * (1 - 0.5^2)
+    b = decode_bytes(cfg, torch.float32, torch.float32, batch=2, context=5)
+    # weights: dense 778 + lm_head 40 + 4 layers * 3 experts * 36 + 2 embedding rows * 4, fp32
+    assert b["weights"] == pytest.approx((778 + 40 + 432 + 8) * 4)
+    assert b["kv"] == 2 * 5 * 16  # K and V, 1 layer, 1 head, dim 2, fp32: 16 bytes per token
+    assert b["state"] == 2 * 2 * 3 * (8 * 3 * 4 + 2 * 2 * 2 * 4)  # read + write, 3 layers of conv + ssm
+    assert b["total"] == pytest.approx(5032 + 160 + 1536)
+    f = prefill_flops(cfg, length=6, chunk=4)
+    assert f["weights"] == 2 * (778 + 4 * 2 * 36) * 6
+    assert f["attention"] == 4 * 21 * 2 * 2  # keys 1+2+...+6 = 21, Hq 2, D 2, one attention layer
+    assert f["lm_head"] == 2 * 4 * 10 * 2  # two chunks
+    assert f["total"] == 12792 + 336 + 160
+    # bf16 halves the weight and KV bytes; the fp32 SSM state stays.
+    half = decode_bytes(cfg, torch.bfloat16, torch.float32, batch=2, context=5)
+    assert half["weights"] == pytest.approx(b["weights"] / 2) and half["kv"] == b["kv"] / 2
+
+
+def test_layer_slice_keeps_the_3_to_1_pattern():
+    cfg = preset_config("qwen3-next-80b-a3b", 12)
+    assert cfg.full_attention_layers == [3, 7, 11] and len(cfg.linear_attention_layers) == 9
+    assert (cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.vocab_size) == (2048, 512, 10, 151936)
+    assert cfg.rope.rotary_dim == 64 and cfg.max_position_embeddings == 262144
+    # The design's figure: a 12-layer slice is about 41 GB in bf16.
+    assert 40e9 < param_counts(cfg).total * 2 < 42e9
+    assert preset_config("qwen3-next-80b-a3b").num_hidden_layers == 48
+    for bad in (6, 0, 52):
+        with pytest.raises(ValueError, match="multiple of 4"):
+            preset_config("qwen3-next-80b-a3b", bad)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_config("nope")
+
+
+def test_weight_fit_check_raises_before_building(monkeypatch, capsys):
+    cfg = preset_config("qwen3-next-80b-a3b")
+    need = check_weights_fit(cfg, torch.bfloat16, None)
+    assert need == param_counts(cfg).total * 2
+    assert check_weights_fit(cfg, torch.bfloat16, need) == need
+    with pytest.raises(ValueError, match=r"needs 1\d\d\.\d GiB of weights in bfloat16.*80\.0 GiB free"):
+        check_weights_fit(cfg, torch.bfloat16, 80 * 2**30, "qwen3-next-80b-a3b")
+
+    # Through the CLI: a small free-memory figure ends the run with one line, before any model is built.
+    def no_build(*a, **k):
+        raise AssertionError("the model must not be built")
+
+    monkeypatch.setattr(bench_model, "free_memory", lambda device: 1 << 20)
+    monkeypatch.setattr(bench_model, "build_model", no_build)
+    assert cli.main(["bench", "model", "--preset", "tiny", "--device", "cpu"]) == 2
+    assert "GiB of weights" in capsys.readouterr().err
+
+
+def test_random_weights_have_realistic_scales_and_routing_spreads():
+    cfg = preset_config("tiny")
+    m = bench_model.build_model(cfg, torch.device("cpu"), torch.float32, seed=1)
+    params = dict(m.named_parameters())
+    assert params["model.layers.0.input_layernorm.weight"].abs().max() < 0.1  # zero-centred: gain 1 + w
+    assert (params["model.layers.0.linear_attn.norm.weight"] - 1).abs().max() < 0.1
+    a = params["model.layers.0.linear_attn.A_log"].exp()
+    assert a.min() >= 0.01 - 1e-6 and a.max() <= 16 + 1e-4
+    w = params["model.layers.0.mlp.experts.gate_up_proj"]
+    assert w.std().item() == pytest.approx(1 / math.sqrt(cfg.hidden_size), rel=0.05)
+    # Decode 32 sequences once: each MoE layer's router uses most of the 16 experts, as the roofline assumes.
+    runner = bench_model.make_runner(m, num_pages=32, num_slots=32, page_size=16, ssm_dtype=torch.float32)
+    fb = ForwardBatch.build([1] * 32, [3] * 32, list(range(1, 33)), [[b + 1] for b in range(32)], 16)
+    with torch.inference_mode(), bench_model.ExpertCounter(m) as counter:
+        out = m(torch.randint(cfg.vocab_size, (32,)), fb)
+    assert runner.model is m and torch.isfinite(out).all()
+    assert len(counter.distinct) == cfg.num_hidden_layers
+    assert min(counter.distinct) >= 0.8 * expected_experts(16, 4, 32)
+    assert all(0.3 < mass < 0.98 for mass in counter.top_mass)  # neither uniform nor one-hot
+
+
+def test_transformers_model_shares_weights_and_matches_logits():
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = preset_config("tiny")
+    m = bench_model.build_model(cfg, torch.device("cpu"), torch.float32, seed=2)
+    hf = bench_model.transformers_model(m)
+    ours = m.model.layers[0].mlp.experts.gate_up_proj
+    assert hf.model.layers[0].mlp.experts.gate_up_proj.data_ptr() == ours.data_ptr()  # no second copy
+    runner = bench_model.make_runner(m, num_pages=2, num_slots=1, page_size=16, ssm_dtype=torch.float32)
+    runner.states.conv.zero_()  # a fresh sequence, as transformers starts one
+    runner.states.ssm.zero_()
+    ids = torch.randint(cfg.vocab_size, (20,))
+    fb = ForwardBatch.build([20], [0], [1], [[1, 2]], 16, logits_indices=list(range(20)))
+    with torch.inference_mode():
+        got = m.compute_logits(m(ids, fb))
+        want = hf(ids[None]).logits[0]
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_tiny_end_to_end(tmp_path, capsys):
+    out = tmp_path / "model.json"
+    argv = ["bench", "model", "--preset", "tiny", "--device", "cpu", "--batch-sizes", "1,3", "--contexts", "8,40"]
+    argv += ["--prefill-lens", "24,40", "--max-num-batched-tokens", "16", "--decode-steps", "2", "--repeats", "2"]
+    argv += ["--warmup", "1", "--compare-transformers", "--output-json", str(out)]
+    assert cli.main(argv) == 0
+    r = json.loads(out.read_text())
+    for key in ("device_name", "dtype", "torch_version", "git_revision", "command", "date", "weight_bytes", "params"):
+        assert key in r
+    assert r["dtype"] == "float32" and r["num_layers"] == 4 and "--contexts 8,40" in r["command"]
+    assert all(math.isfinite(v) and v > 0 for v in r["roofline"].values())
+    assert [(p["batch"], p["context"]) for p in r["decode"]] == [(1, 8), (3, 8), (1, 40), (3, 40)]
+    assert [p["length"] for p in r["prefill"]] == [24, 40]
+    for p in r["decode"] + r["prefill"]:
+        assert "skipped" not in p
+        for key in ("tokens_per_s", "floor_tokens_per_s", "fraction"):
+            assert math.isfinite(p[key]) and p[key] > 0
+        assert p["fraction"] == pytest.approx(p["tokens_per_s"] / p["floor_tokens_per_s"])
+    d = r["decode"][1]
+    cfg = preset_config("tiny")
+    assert d["bytes"] == pytest.approx(decode_bytes(cfg, torch.float32, torch.float32, 3, 8))
+    assert d["floor_tokens_per_s"] == pytest.approx(3 * r["roofline"]["copy_bandwidth"] / d["bytes"]["total"])
+    assert 0 < d["experts_touched"] <= cfg.num_experts and d["experts_expected"] == expected_experts(16, 4, 3)
+    p = r["prefill"][1]
+    assert p["floor_tokens_per_s"] == pytest.approx(40 * r["roofline"]["matmul_rate"] / p["flops"]["total"])
+    assert [t["context"] for t in r["transformers"]] == [8, 40]
+    for t in r["transformers"]:
+        assert t["speedup"] == pytest.approx(t["nextserve_tokens_per_s"] / t["tokens_per_s"])
+    table = capsys.readouterr().out
+    assert "decode B=3 C=40" in table and "prefill N=40" in table and "transformers B=1 C=8" in table
+
+
+def test_out_of_memory_point_is_skipped_with_a_note():
+    m = bench_model.build_model(preset_config("tiny"), torch.device("cpu"), torch.float32)
+
+    def oom(model, args, roofline, batch, context):
+        bench_model.make_runner(model, 1, 1, 16, torch.float32)  # binds pools, which must be unbound after
+        raise torch.OutOfMemoryError("simulated")
+
+    row = bench_model.guarded(oom, m, None, {}, batch=8, context=1024)
+    assert row == {"batch": 8, "context": 1024, "skipped": "out of device memory"}
+    assert all(a.k_cache is None for a in m.attention_layers())
