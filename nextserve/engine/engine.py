@@ -202,17 +202,14 @@ class Engine:
                 s.seq.num_cached += s.num_tokens
         # Before sampling: a sequence that finishes now donates its cache, so snapshots must be in place first.
         self.scheduler.commit_snapshots(scheduled, snapshots, prefilled)
-        self._finishing: list[Sequence] = []
-        touched: dict[str, Request] = {}
-        new_tokens = self._sample(sampling, logits, scratch, scheduled)
+        self._finishing = []
+        self._sample(sampling, logits, scratch, scheduled)
         t_target = time.perf_counter() - t_start
         if self.spec is not None:
             self._draft(scheduled, hidden, starts, t_target, sum(s.num_tokens for s in scheduled))
         for seq in self._finishing:
             self.scheduler.finish(seq)
-        for s in sampling:
-            touched[s.seq.request.request_id] = s.seq.request
-        del new_tokens
+        touched: dict[str, Request] = {s.seq.request.request_id: s.seq.request for s in sampling}
         outputs = []
         for rid, req in touched.items():
             outputs.append(req.output())
@@ -228,7 +225,7 @@ class Engine:
             masked = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_ids))
         return SamplingRow(p, seq.token_ids[: seq.num_prompt], output, seq.generator, masked)
 
-    def _sample(self, sampling: list[ScheduledSeq], logits: torch.Tensor, scratch, scheduled) -> dict:
+    def _sample(self, sampling: list[ScheduledSeq], logits: torch.Tensor, scratch, scheduled) -> None:
         """Samples (or verifies) every sampling row group and appends the new tokens."""
         plain = [i for i, s in enumerate(sampling) if not s.draft]
         offsets, r = [], 0
@@ -270,7 +267,6 @@ class Engine:
             self.state_pool.free_scratch([slot for _, _, slot in scratch])
         for s, tokens, rows_logits in appended.values():
             self._append_tokens(s.seq, tokens, rows_logits)
-        return appended
 
     def _append_tokens(self, seq: Sequence, tokens: list[int], rows_logits: torch.Tensor) -> None:
         want = seq.params.logprobs
