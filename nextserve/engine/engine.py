@@ -17,7 +17,7 @@ import torch
 from nextserve.config import EngineConfig
 from nextserve.engine.detokenizer import IncrementalDetokenizer
 from nextserve.engine.kv_pool import KVLayout, KVPool
-from nextserve.engine.memory import Capacity, cache_budget_bytes, plan_capacity
+from nextserve.engine.memory import Capacity, cache_budget_bytes, check_weights_fit, plan_capacity, weight_bytes
 from nextserve.engine.prefix_cache import PrefixCache
 from nextserve.engine.request import Request, Sequence
 from nextserve.engine.runner import ModelRunner
@@ -59,6 +59,10 @@ class Engine:
         self.tokenizer = load_tokenizer(model_dir)
         self.generation_defaults = load_generation_defaults(model_dir)
         torch.manual_seed(cfg.seed)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            need = weight_bytes(self.model_config, self.dtype, cfg.speculative)
+            check_weights_fit(need, free, total, cfg.mem_fraction_static, self.dtype)
         try:
             self.model = load_model(
                 model_dir,

@@ -110,3 +110,25 @@ def auto_snapshot_interval(slot_bytes: int, page_bytes: int, page_size: int) -> 
     unit = math.lcm(64, page_size)
     tokens = slot_bytes / (page_bytes / page_size)
     return int(min(max(math.ceil(tokens / unit) * unit, 256 // unit * unit or unit), 4096 // unit * unit or unit))
+
+
+def weight_bytes(mc: ModelConfig, dtype: torch.dtype, with_mtp: bool) -> int:
+    """Exact bytes of the model's parameters, counted on the meta device (nothing is allocated)."""
+    from nextserve.models.qwen3_next import Qwen3NextForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen3NextForCausalLM(mc, dtype=dtype, with_mtp=with_mtp)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def check_weights_fit(need: int, free: int, total: int, fraction: float, dtype: torch.dtype) -> None:
+    """Refuses, with the numbers, a model whose weights cannot fit the GPU before a byte is loaded."""
+    limit = min(free, int(total * fraction))
+    if need > limit:
+        gib = 2**30
+        raise ValueError(
+            f"the weights need {need / gib:.1f} GiB in {str(dtype).removeprefix('torch.')}, but this GPU has "
+            f"{total / gib:.1f} GiB ({free / gib:.1f} GiB free; --mem-fraction-static {fraction} allows "
+            f"{limit / gib:.1f} GiB); use an FP8 checkpoint, a larger GPU, or fewer layers for benchmarks "
+            "(tensor parallelism is not implemented yet)"
+        )
