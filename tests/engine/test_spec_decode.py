@@ -157,3 +157,24 @@ def test_acceptance_is_visible_in_stats_and_the_policy_adapts(tiny_mtp_model_dir
         good.observe_step(8, 0.0100, 0.0001, 3)
         good.observe_step(32, 0.0101, 0.0001, 3)
     assert good.choose(8) == 3
+
+
+def test_n_stop_strings_and_logprobs_with_speculation(tiny_mtp_model_dir, reference, oracle):
+    oracle["wrong_at"] = 2
+    plain, spec = make(tiny_mtp_model_dir), make(tiny_mtp_model_dir, 3)
+    p = prompts()[3]
+    text = plain.generate([p], G)[0].outputs[0].text
+    stop = text[5:8]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop=[stop], logprobs=2)
+    a, b = plain.generate([p], params)[0].outputs[0], spec.generate([p], params)[0].outputs[0]
+    assert (b.text, b.token_ids, b.finish_reason, b.stop_reason) == (
+        a.text,
+        a.token_ids,
+        a.finish_reason,
+        a.stop_reason,
+    )
+    assert [x.token_id for x in b.logprobs] == b.token_ids
+    assert all(abs(x.logprob - y.logprob) < 1e-4 and len(x.top) == 2 for x, y in zip(b.logprobs, a.logprobs))
+    two = spec.generate([p], SamplingParams(n=2, temperature=0, max_tokens=10, ignore_eos=True))[0]
+    assert [c.token_ids for c in two.outputs] == [reference[3], reference[3]]
+    spec.engine.check_integrity()
