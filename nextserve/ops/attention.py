@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from nextserve.forward_batch import ForwardBatch
 
+_QUERY_BLOCK = 1024
+
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch):
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
@@ -35,24 +37,28 @@ def paged_attention(
     if batch.is_decode:
         return _decode_attention(q, k_cache, v_cache, batch, scale)
     ps = batch.page_size
-    group = q.shape[1] // k_cache.shape[2]
     out = torch.empty_like(q)
     start = 0
     for b, (n, c) in enumerate(zip(batch.query_lens, batch.cached_lens)):
         L = c + n
         pages = batch.page_table[b, : (L + ps - 1) // ps].long()
-        kb = k_cache[pages].flatten(0, 1)[:L].to(q.dtype)  # [L, Hkv, D]
-        vb = v_cache[pages].flatten(0, 1)[:L].to(q.dtype)
-        qb = q[start : start + n]
-        # query i (absolute position c + i) sees keys 0 .. c + i
-        mask = torch.arange(L, device=q.device)[None, :] <= (c + torch.arange(n, device=q.device))[:, None]
-        o = F.scaled_dot_product_attention(
-            qb.transpose(0, 1),  # [Hq, n, D]
-            kb.repeat_interleave(group, dim=1).transpose(0, 1),
-            vb.repeat_interleave(group, dim=1).transpose(0, 1),
-            attn_mask=mask,
-            scale=scale,
-        )
+        kb = k_cache[pages].flatten(0, 1)[:L].to(q.dtype).transpose(0, 1)  # [Hkv, L, D]
+        vb = v_cache[pages].flatten(0, 1)[:L].to(q.dtype).transpose(0, 1)
+        qb = q[start : start + n].transpose(0, 1)  # [Hq, n, D]
+        if c == 0:
+            # A fresh prompt: plain causal attention (the flash kernel on GPUs, no mask in memory).
+            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            # After a cached prefix, query i (absolute position c + i) sees keys 0 .. c + i. Query blocks keep the
+            # mask and the scores to [block, L] per head.
+            o = torch.empty_like(qb)
+            for lo in range(0, n, _QUERY_BLOCK):
+                hi = min(n, lo + _QUERY_BLOCK)
+                rows = c + torch.arange(lo, hi, device=q.device)
+                mask = torch.arange(L, device=q.device)[None, :] <= rows[:, None]
+                o[:, lo:hi] = F.scaled_dot_product_attention(
+                    qb[:, lo:hi], kb, vb, attn_mask=mask, scale=scale, enable_gqa=True
+                )
         out[start : start + n] = o.transpose(0, 1)
         start += n
     return out
@@ -66,12 +72,12 @@ def _decode_attention(q, k_cache, v_cache, batch: ForwardBatch, scale: float) ->
     pages = batch.page_table[:, : (max_len + ps - 1) // ps].long()  # [B, P]
     kb = k_cache[pages].flatten(1, 2)[:, :max_len].to(q.dtype)  # [B, L, Hkv, D]
     vb = v_cache[pages].flatten(1, 2)[:, :max_len].to(q.dtype)
-    group = q.shape[1] // k_cache.shape[2]
     mask = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [B, L]
     o = F.scaled_dot_product_attention(
         q[:, :, None, :],  # [B, Hq, 1, D]
-        kb.repeat_interleave(group, dim=2).transpose(1, 2),  # [B, Hq, L, D]
-        vb.repeat_interleave(group, dim=2).transpose(1, 2),
+        kb.transpose(1, 2),  # [B, Hkv, L, D]: GQA without materialising the repeated heads
+        vb.transpose(1, 2),
+        enable_gqa=True,
         attn_mask=mask[:, None, None, :],
         scale=scale,
     )

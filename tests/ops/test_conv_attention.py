@@ -100,3 +100,28 @@ def test_conv_uniform_batch_with_snapshots():
         assert torch.allclose(out[b * n : (b + 1) * n], ref[:n], atol=1e-6)
         assert torch.allclose(states[slot], ref_states[slot], atol=1e-6)
     assert torch.allclose(states[5], torch.cat([before[2], x[n:].t()], dim=1)[:, 2 : 2 + K - 1], atol=1e-6)
+
+
+def test_prefill_after_cached_prefix_in_query_blocks(monkeypatch):
+    import nextserve.ops.attention as attention
+
+    monkeypatch.setattr(attention, "_QUERY_BLOCK", 3)  # several blocks over the 8 new queries
+    Hq, Hkv, D, L, ps = 4, 2, 8, 13, 4
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (
+        torch.randn(L, Hq, D, generator=g),
+        torch.randn(L, Hkv, D, generator=g),
+        torch.randn(L, Hkv, D, generator=g),
+    )
+    kc, vc = torch.zeros(10, ps, Hkv, D), torch.zeros(10, ps, Hkv, D)
+    pages = [6, 1, 8, 3]
+    paged_attention(q[:5], k[:5], v[:5], kc, vc, ForwardBatch.build([5], [0], [1], [pages], ps), D**-0.5)
+    out = paged_attention(q[5:], k[5:], v[5:], kc, vc, ForwardBatch.build([8], [5], [1], [pages], ps), D**-0.5)
+    mask = torch.ones(L, L, dtype=torch.bool).tril()
+    ref = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.repeat_interleave(2, 1).transpose(0, 1),
+        v.repeat_interleave(2, 1).transpose(0, 1),
+        attn_mask=mask,
+    )
+    assert torch.allclose(out, ref.transpose(0, 1)[5:], atol=1e-5)
