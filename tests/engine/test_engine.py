@@ -80,3 +80,11 @@ def test_small_kv_pool_preempts_and_outputs_are_unchanged(tiny_model_dir, alone)
     llm.engine.check_integrity()
     llm.engine.reset_prefix_cache()
     assert llm.engine.kv_pool.num_used == 0
+
+
+def test_bf16_recurrent_state_stays_close(tiny_model_dir, alone):
+    """--mamba-ssm-dtype bfloat16 halves the state pool; greedy outputs start the same as with fp32 state."""
+    llm = make_llm(tiny_model_dir, mamba_ssm_dtype="bfloat16")
+    assert llm.engine.state_pool.ssm.dtype == torch.bfloat16
+    outs = [o.outputs[0].token_ids for o in llm.generate(prompts(), GREEDY)]
+    assert sum(a[0] == b[0] for a, b in zip(outs, alone)) >= len(alone) - 1
