@@ -82,6 +82,8 @@ def plan_capacity(mc: ModelConfig, cfg: EngineConfig, budget: int, kv: KVLayout,
         snapshots = cfg.max_prefix_snapshots
     max_running = cfg.max_running_requests or min(max(slots, 1), DEFAULT_MAX_RUNNING)
     slots = max(1, min(slots, max_running))
+    # Every running sequence holds a working slot: no more can run than there are slots.
+    max_running = min(max_running, slots)
     scratch = cfg.speculative_num_steps * slots if cfg.speculative else 0
     if cfg.num_kv_pages is not None:
         pages = cfg.num_kv_pages

@@ -67,9 +67,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_tokens
         batch: list[ScheduledSeq] = []
@@ -81,10 +78,10 @@ class Scheduler:
             draft = seq.draft[: budget - 1] if n == 1 and seq.num_uncached == 1 else []
             n += len(draft)
             need = self.kv.pages_for(seq.num_cached + n) - len(seq.pages)
-            while not self._reserve_pages(need) and self.running[-1] is not seq:
+            while not self.reserve_pages(need) and self.running[-1] is not seq:
                 self._preempt(self.running[-1])
                 preempted = True
-            if not self._reserve_pages(need):
+            if not self.reserve_pages(need):
                 # Even alone it cannot grow now: step back and retry later (the engine admits only requests
                 # that fit the whole pool, so with everyone else preempted this always succeeds).
                 self._preempt(seq)
@@ -103,7 +100,7 @@ class Scheduler:
             budget -= scheduled.num_tokens
         return batch
 
-    def _reserve_pages(self, n: int) -> bool:
+    def reserve_pages(self, n: int) -> bool:
         """True when n pages are free, evicting unused prefix-cache pages if that helps."""
         if n > self.kv.num_free and self.cache is not None:
             self.cache.evict_pages(n - self.kv.num_free)
@@ -119,7 +116,7 @@ class Scheduler:
         n = min(len(seq.token_ids) - cached, budget)
         shared = match.pages if match else []
         need = self.kv.pages_for(cached + n) - len(shared)
-        if not self._reserve_pages(need):
+        if not self.reserve_pages(need):
             if match:
                 self.cache.unlock(match.node)
             return None
@@ -194,7 +191,7 @@ class Scheduler:
         tail_tokens = tuple(seq.token_ids[aligned:pos])
         page = None
         if tail_tokens:
-            if not self._reserve_pages(1):
+            if not self.reserve_pages(1):
                 self.cache.release(slot)
                 return
             page = self.kv.allocate(1)[0]

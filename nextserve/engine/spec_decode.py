@@ -238,7 +238,7 @@ class SpecDecoder:
             # MTP KV for draft positions c .. c+kk-2 (the verify step allocates the rest).
             need = eng.kv_pool.pages_for(seq.num_cached + kk - 1) - len(seq.pages)
             if need > 0:
-                if not eng.scheduler._reserve_pages(need):
+                if not eng.scheduler.reserve_pages(need):
                     continue
                 seq.pages += eng.kv_pool.allocate(need)
             todo.append((seq, kk))

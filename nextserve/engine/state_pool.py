@@ -52,9 +52,6 @@ class StatePool:
     def num_used(self) -> int:
         return self.num_slots - len(self._free)
 
-    def can_allocate(self) -> bool:
-        return bool(self._free)
-
     def allocate(self) -> int:
         if not self._free:
             raise RuntimeError("state pool exhausted")

@@ -23,3 +23,21 @@ def test_mtp_head_adds_its_parameters():
     cfg = ModelConfig.from_dict({})
     extra = weight_bytes(cfg, torch.bfloat16, True) - weight_bytes(cfg, torch.bfloat16, False)
     assert extra == 1_650_471_424 * 2  # spec section 1: the MTP parameter count
+
+
+def test_running_requests_never_exceed_state_slots(tiny_model_dir):
+    """--max-running-requests above the slot count would hand out slots the pool does not have: it is capped."""
+    from nextserve import LLM, SamplingParams
+
+    llm = LLM(
+        model=str(tiny_model_dir),
+        dtype="float32",
+        device="cpu",
+        disable_tqdm=True,
+        max_mamba_cache_size=2,
+        max_running_requests=10,
+    )
+    assert llm.engine.capacity.max_running == 2
+    outs = llm.generate([[5, 6, 7]] * 6, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert all(len(o.outputs[0].token_ids) == 3 for o in outs)
+    llm.engine.check_integrity()
