@@ -223,10 +223,14 @@ class Engine:
 
     def sampling_row(self, seq: Sequence, extra_output: list[int] = ()) -> SamplingRow:
         p = seq.params
-        output = seq.output_ids + list(extra_output)
+        num_output = len(seq.token_ids) - seq.num_prompt + len(extra_output)
         masked = ()
-        if len(output) < p.min_tokens:
+        if num_output < p.min_tokens:
             masked = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_ids))
+        if not (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0):
+            # NOTE: the decode hot path: without penalties the sampler reads no history, so copy none.
+            return SamplingRow(p, (), (), seq.generator, masked)
+        output = seq.output_ids + list(extra_output)
         return SamplingRow(p, seq.token_ids[: seq.num_prompt], output, seq.generator, masked)
 
     def _sample(self, sampling: list[ScheduledSeq], logits: torch.Tensor, scratch, scheduled) -> None:
