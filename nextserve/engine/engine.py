@@ -281,12 +281,14 @@ class Engine:
         if want is not None:
             lp = torch.log_softmax(rows_logits, dim=-1)
             top = torch.topk(lp, want, dim=-1) if want else None
+            if seq.logprobs is None:
+                seq.logprobs = []
         for i, tok in enumerate(tokens):
             if seq.finish_reason is not None:
                 break
             if want is not None:
                 alts = list(zip(top.indices[i].tolist(), top.values[i].tolist())) if want else []
-                seq.logprobs = (seq.logprobs or []) + [TokenLogprob(tok, float(lp[i, tok]), alts)]
+                seq.logprobs.append(TokenLogprob(tok, float(lp[i, tok]), alts))
             self._append_token(seq, tok)
 
     def _draft(self, scheduled, hidden: torch.Tensor, starts: dict, t_target: float, target_tokens: int) -> None:
