@@ -32,13 +32,6 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Draft:
-    tokens: list[int]
-    # Draft distributions q_i [k, V] for sampled rows (None for greedy rows).
-    probs: torch.Tensor | None = None
-
-
-@dataclass
 class SpecStats:
     drafted: int = 0
     accepted: int = 0
