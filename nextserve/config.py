@@ -88,6 +88,12 @@ class EngineConfig:
             "acceptance (--no-speculative-adaptive: always num_steps)"
         },
     )
+    disable_cuda_graph: bool = field(
+        default=False, metadata={"help": "decode eagerly, without CUDA graphs (vLLM: --enforce-eager)"}
+    )
+    cuda_graph_max_bs: int | None = field(
+        default=None, metadata={"help": "largest decode batch in a CUDA graph (default: --max-running-requests)"}
+    )
     num_kv_pages: int | None = field(default=None, metadata={"help": "fix the number of KV pages (tests, debugging)"})
     disable_tqdm: bool = field(default=False, metadata={"help": "no progress bars"})
 
@@ -110,6 +116,7 @@ class EngineConfig:
         )
         need(self.mamba_full_memory_ratio > 0, "--mamba-full-memory-ratio must be > 0")
         need(self.num_kv_pages is None or self.num_kv_pages >= 1, "--num-kv-pages must be >= 1")
+        need(self.cuda_graph_max_bs is None or self.cuda_graph_max_bs >= 1, "--cuda-graph-max-bs must be >= 1")
         need(
             self.prefix_snapshot_interval is None
             or (

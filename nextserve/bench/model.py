@@ -44,6 +44,7 @@ from nextserve.bench.presets import (
     preset_config,
     state_layout,
 )
+from nextserve.engine.cuda_graph import DecodeGraphs, supports_graphs
 from nextserve.engine.engine import resolve_device, resolve_dtype
 from nextserve.engine.kv_pool import KVPool
 from nextserve.engine.runner import ModelRunner
@@ -188,6 +189,12 @@ def decode_point(model, args, roofline: dict, batch: int, context: int) -> dict:
 
     with ExpertCounter(model) as counter:
         step()
+    if args.cuda_graph:
+        # The engine's decode path: the step's inputs copied from host lists into a replayed graph.
+        graphs = DecodeGraphs(model, ps, P, batch, device, sizes=[batch])
+        graphs.capture()
+        host = (ids.tolist(), [context] * batch, fb.state_slots.tolist(), fb.page_table.tolist())
+        step = lambda: graphs.run(*host)  # noqa: E731
     t = timed(step, device, args.warmup, args.repeats, inner=args.decode_steps)
     cost = decode_bytes(cfg, model.dtype, ssm_dtype, batch, context)
     floor = batch * roofline["copy_bandwidth"] / cost["total"]
@@ -360,6 +367,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (the median is reported)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cuda-graph", action=argparse.BooleanOptionalAction, default=True, help="decode through CUDA graphs (GPU)"
+    )
     parser.add_argument("--compare-transformers", action="store_true", help="also time transformers' decode")
     parser.add_argument("--output-json", default=None)
 
@@ -382,7 +392,9 @@ def _command(args: argparse.Namespace) -> str:
         if key.startswith("_") or key in ("command", "subcommand", "output_json"):
             continue
         flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
+        if key == "cuda_graph":  # on by default: spell out either way
+            parts.append(flag if value else "--no-cuda-graph")
+        elif isinstance(value, bool):
             parts += [flag] if value else []
         elif value is not None:
             parts += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
@@ -420,6 +432,9 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = build_model(cfg, device, dtype, args.seed)
     notes: list[str] = []
+    if args.cuda_graph and (reason := supports_graphs(model, device)) is not None:
+        args.cuda_graph = False
+        notes.append(f"decode ran without CUDA graphs: {reason}")
     with torch.inference_mode():
         decode = [
             guarded(decode_point, model, args, roofline, batch=b, context=c)
@@ -440,6 +455,7 @@ def run(args: argparse.Namespace) -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": _command(args),
         "page_size": args.page_size,
+        "cuda_graph": args.cuda_graph,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "weight_bytes": weight_bytes,
         "params": dataclasses.asdict(param_counts(cfg)),

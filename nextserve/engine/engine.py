@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from nextserve.config import EngineConfig
+from nextserve.engine.cuda_graph import supports_graphs
 from nextserve.engine.detokenizer import IncrementalDetokenizer
 from nextserve.engine.kv_pool import KVLayout, KVPool
 from nextserve.engine.memory import Capacity, cache_budget_bytes, check_weights_fit, plan_capacity, weight_bytes
@@ -88,6 +89,7 @@ class Engine:
             num_scratch=self.capacity.num_scratch_slots,
         )
         self.runner = ModelRunner(self.model, self.kv_pool, self.state_pool, self.device)
+        self._setup_cuda_graphs()
         self.prefix_cache = None
         if cfg.prefix_caching:
             self.prefix_cache = PrefixCache(self.kv_pool, self.state_pool, self.capacity.num_snapshot_slots)
@@ -104,6 +106,20 @@ class Engine:
         self._seq_ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+
+    def _setup_cuda_graphs(self) -> None:
+        cfg = self.config
+        if cfg.disable_cuda_graph:
+            return
+        reason = supports_graphs(self.model, self.device)
+        if reason is not None:
+            logger.info("decode runs eagerly (no CUDA graphs): %s", reason)
+            return
+        max_bs = min(cfg.cuda_graph_max_bs or self.capacity.max_running, self.capacity.max_running)
+        # Room for the longest sequence plus a verify step's drafts.
+        extra = cfg.speculative_num_steps + 1 if cfg.speculative else 0
+        max_pages = -(-(self.capacity.context_length + extra) // cfg.page_size)
+        self.runner.enable_cuda_graphs(max_bs, max_pages)
 
     @property
     def max_model_len(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from nextserve.engine.cuda_graph import DecodeGraphs
 from nextserve.engine.kv_pool import KVPool
 from nextserve.engine.scheduler import ScheduledSeq
 from nextserve.engine.state_pool import StatePool
@@ -22,7 +23,13 @@ class ModelRunner:
         self.kv = kv_pool
         self.states = state_pool
         self.device = device
+        self.graphs: DecodeGraphs | None = None
         self.bind_caches()
+
+    def enable_cuda_graphs(self, max_batch: int, max_pages: int) -> None:
+        """Captures decode graphs for batches up to max_batch whose page tables hold up to max_pages pages."""
+        self.graphs = DecodeGraphs(self.model, self.kv.page_size, max_pages, max_batch, self.device)
+        self.graphs.capture()
 
     def bind_caches(self) -> None:
         """Gives every layer its views of the pools, once: layer i of a kind gets index i of that pool."""
@@ -58,6 +65,23 @@ class ModelRunner:
         """Runs the step; returns (hidden [T, H], fp32 logits [R, V] of the rows that sample, in scheduled order;
         every row of a verify group). `snapshots` are (index in scheduled, offset in its chunk, dst slot) state
         snapshots taken inside the step."""
+        if self.graphs is not None and not snapshots and self._graphable(scheduled):
+            seqs = [s.seq for s in scheduled]
+            hidden, logits = self.graphs.run(
+                [s.input_ids[0] for s in scheduled],
+                [seq.num_cached for seq in seqs],
+                [seq.slot for seq in seqs],
+                [seq.pages for seq in seqs],
+            )
+            if not all(s.samples for s in scheduled):  # a one-token prefill chunk that does not end its prompt
+                logits = logits[[i for i, s in enumerate(scheduled) if s.samples]]
+            return hidden, logits
         input_ids, batch = self.prepare(scheduled, snapshots)
         hidden = self.model(input_ids, batch)
         return hidden, self.model.compute_logits(hidden[batch.logits_indices]).float()
+
+    def _graphable(self, scheduled: list[ScheduledSeq]) -> bool:
+        """A decode step the graphs cover: one new token per sequence, no verification, pages within the width."""
+        if not self.graphs.can_run(len(scheduled), max(len(s.seq.pages) for s in scheduled)):
+            return False
+        return all(s.num_tokens == 1 and not s.draft for s in scheduled)

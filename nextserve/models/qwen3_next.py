@@ -21,9 +21,9 @@ from nextserve.layers.rotary import RotaryEmbedding, apply_rotary
 from nextserve.model_config import ModelConfig
 from nextserve.ops.attention import paged_attention
 from nextserve.ops.conv1d import causal_conv1d
-from nextserve.ops.gdn import gated_delta_rule
+from nextserve.ops.gdn import gated_delta_rule, gdn_gates
 from nextserve.ops.moe import fused_experts, route
-from nextserve.ops.norm import gated_rms_norm, rms_norm
+from nextserve.ops.norm import add_rms_norm, gated_rms_norm, rms_norm
 from nextserve.parallel import Communicator, ParallelContext
 
 
@@ -41,8 +41,11 @@ class Qwen3NextRMSNorm(nn.Module):
         self.weight = _param(dim, dtype=dtype)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with a residual, (norm(residual + x), residual + x): the add and the norm in one launch."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Qwen3NextAttention(nn.Module):
@@ -124,16 +127,14 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         T, hk, hv, dk, dv, r = x.shape[0], self.hk, self.hv, self.dk, self.dv, self.r
         qkvz = self.in_proj_qkvz(x).view(T, hk, 2 * dk + 2 * r * dv)
         q, k, v, z = qkvz.split([dk, dk, r * dv, r * dv], dim=-1)
-        b, a = self.in_proj_ba(x).view(T, hk, 2 * r).split([r, r], dim=-1)
         z = z.reshape(T, hv, dv)
-        b, a = b.reshape(T, hv), a.reshape(T, hv)
         # Conv runs over channels in [q | k | v] order, key-head-major then value-head-major: [T, conv_dim].
         mixed = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)
         mixed = causal_conv1d(mixed, self.conv1d.weight[:, 0, :], self.conv_state, batch)
         q, k, v = mixed.split([hk * dk, hk * dk, hv * dv], dim=-1)
         q, k, v = q.view(T, hk, dk), k.view(T, hk, dk), v.view(T, hv, dv)
-        beta = torch.sigmoid(b)
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # log decay <= 0, fp32
+        # beta = sigmoid(b), log decay g = -exp(A_log) softplus(a + dt_bias) <= 0 (fp32), from [b | a] per key head.
+        g, beta = gdn_gates(self.in_proj_ba(x).view(T, hk, 2 * r), self.A_log, self.dt_bias)
         o = gated_delta_rule(q, k, v, g, beta, self.ssm_state, batch)  # [T, Hv, dv]
         o = gated_rms_norm(o, z, self.norm.weight, self.eps)
         return self.out_proj(o.reshape(T, hv * dv))
@@ -199,13 +200,21 @@ class Qwen3NextDecoderLayer(nn.Module):
         self.input_layernorm = Qwen3NextRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = Qwen3NextRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, h: torch.Tensor, cos, sin, batch: ForwardBatch) -> torch.Tensor:
-        x = self.input_layernorm(h)
-        if self.layer_type == "full_attention":
-            h = h + self.self_attn(x, cos, sin, batch)
+    def forward(
+        self, h: torch.Tensor, residual: torch.Tensor | None, cos, sin, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (this layer's MLP output, the residual stream before it). The stream is
+        residual + h; keeping the last addend apart lets each add run inside the next norm's kernel."""
+        if residual is None:  # the first layer: h is the embedding
+            x, residual = self.input_layernorm(h), h
         else:
-            h = h + self.linear_attn(x, batch)
-        return h + self.mlp(self.post_attention_layernorm(h))
+            x, residual = self.input_layernorm(h, residual)
+        if self.layer_type == "full_attention":
+            a = self.self_attn(x, cos, sin, batch)
+        else:
+            a = self.linear_attn(x, batch)
+        x, residual = self.post_attention_layernorm(a, residual)
+        return self.mlp(x), residual
 
 
 class Qwen3NextModel(nn.Module):
@@ -223,9 +232,10 @@ class Qwen3NextModel(nn.Module):
         """[T] ids -> [T, H] final normed hidden states (what feeds lm_head and the MTP head)."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb.cos_sin(batch.positions, h.dtype)
+        residual = None
         for layer in self.layers:
-            h = layer(h, cos, sin, batch)
-        return self.norm(h)
+            h, residual = layer(h, residual, cos, sin, batch)
+        return self.norm(h, residual)[0]
 
 
 class Qwen3NextMTP(nn.Module):
@@ -244,7 +254,7 @@ class Qwen3NextMTP(nn.Module):
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos, sin, batch: ForwardBatch) -> torch.Tensor:
         """embeds: embedding of token t+1 [T, H]; hidden: target's normed hidden at t [T, H] -> normed [T, H]."""
         u = self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
-        return self.norm(self.layers[0](u, cos, sin, batch))
+        return self.norm(*self.layers[0](u, None, cos, sin, batch))[0]
 
 
 class Qwen3NextForCausalLM(nn.Module):

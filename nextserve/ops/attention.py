@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from nextserve.forward_batch import ForwardBatch
+
+try:  # Triton decode kernel (paged, split-K, capturable in CUDA graphs); absent on CPU-only installs.
+    from nextserve.ops import attention_triton
+except ImportError:
+    attention_triton = None
 
 _QUERY_BLOCK = 1024
 
@@ -35,31 +41,37 @@ def paged_attention(
     """q [T, Hq, D], k/v [T, Hkv, D] (new tokens) -> [T, Hq, D]."""
     write_kv(k, v, k_cache, v_cache, batch)
     if batch.is_decode:
+        if q.is_cuda and attention_triton is not None:
+            context_lens = (batch.cached_lens_t + 1).to(torch.int32)  # on the device: no sync, graph-safe
+            return attention_triton.paged_decode_attention(q, k_cache, v_cache, batch.page_table, context_lens, scale)
         return _decode_attention(q, k_cache, v_cache, batch, scale)
     ps = batch.page_size
     out = torch.empty_like(q)
     start = 0
     for b, (n, c) in enumerate(zip(batch.query_lens, batch.cached_lens)):
         L = c + n
-        pages = batch.page_table[b, : (L + ps - 1) // ps].long()
-        kb = k_cache[pages].flatten(0, 1)[:L].to(q.dtype).transpose(0, 1)  # [Hkv, L, D]
-        vb = v_cache[pages].flatten(0, 1)[:L].to(q.dtype).transpose(0, 1)
-        qb = q[start : start + n].transpose(0, 1)  # [Hq, n, D]
+        qb = q[start : start + n].transpose(0, 1)[None]  # [1, Hq, n, D]: 4-D, or SDPA falls back to its math path
         if c == 0:
-            # A fresh prompt: plain causal attention (the flash kernel on GPUs, no mask in memory).
+            # A fresh prompt: its keys are this step's; plain causal attention (flash / cuDNN on GPUs).
+            kb, vb = (x[start : start + n].transpose(0, 1)[None] for x in (k, v))
             o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            # After a cached prefix, query i (absolute position c + i) sees keys 0 .. c + i. Query blocks keep the
-            # mask and the scores to [block, L] per head.
+            # After a cached prefix, query i (absolute position c + i) sees keys 0 .. c + i: causal aligned to the
+            # bottom right. Query blocks bound what a backend without that mask (CPU) materialises.
+            pages = batch.page_table[b, : (L + ps - 1) // ps].long()
+            kb, vb = (x[pages].flatten(0, 1)[:L].to(q.dtype).transpose(0, 1)[None] for x in (k_cache, v_cache))
             o = torch.empty_like(qb)
             for lo in range(0, n, _QUERY_BLOCK):
                 hi = min(n, lo + _QUERY_BLOCK)
-                rows = c + torch.arange(lo, hi, device=q.device)
-                mask = torch.arange(L, device=q.device)[None, :] <= rows[:, None]
-                o[:, lo:hi] = F.scaled_dot_product_attention(
-                    qb[:, lo:hi], kb, vb, attn_mask=mask, scale=scale, enable_gqa=True
+                o[:, :, lo:hi] = F.scaled_dot_product_attention(
+                    qb[:, :, lo:hi],
+                    kb[:, :, : c + hi],
+                    vb[:, :, : c + hi],
+                    attn_mask=causal_lower_right(hi - lo, c + hi),
+                    scale=scale,
+                    enable_gqa=True,
                 )
-        out[start : start + n] = o.transpose(0, 1)
+        out[start : start + n] = o[0].transpose(0, 1)
         start += n
     return out
 

@@ -97,6 +97,16 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk: int = CHUNK):
     return o.to(dtype), s
 
 
+def gdn_gates(ba: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-head gates from the in_proj_ba output ba [T, Hk, 2r] ([b | a] per key head): returns
+    (g = -exp(A_log) * softplus(a + dt_bias) [T, Hv] fp32, beta = sigmoid(b) [T, Hv] in ba's dtype)."""
+    if ba.is_cuda and gdn_cuda is not None:
+        return gdn_cuda.gdn_gates(ba, A_log, dt_bias)
+    T, r = ba.shape[0], ba.shape[-1] // 2
+    b, a = (x.reshape(T, -1) for x in ba.split([r, r], dim=-1))
+    return -A_log.float().exp() * F.softplus(a.float() + dt_bias), torch.sigmoid(b)
+
+
 def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,

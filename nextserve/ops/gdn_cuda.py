@@ -239,3 +239,37 @@ def _decode(q, k, v, g, beta, ssm_states, slots: torch.Tensor) -> torch.Tensor:
         num_warps=_DECODE_WARPS,
     )
     return o
+
+
+# ---- gates: sigmoid / softplus of the ba projection, one launch instead of eight ----
+
+
+@triton.jit
+def _gates_kernel(ba_ptr, a_log_ptr, dt_bias_ptr, g_ptr, beta_ptr, n, stride_t, HV: tl.constexpr, R: tl.constexpr):
+    idx = tl.program_id(0) * 1024 + tl.arange(0, 1024)  # flat (token, value head)
+    m = idx < n
+    t = idx // HV
+    h = idx % HV
+    # Value head h is the (h % R)-th of key head h // R, whose row part is [b (R) | a (R)].
+    base = ba_ptr + t * stride_t + (h // R) * (2 * R) + h % R
+    b = tl.load(base, mask=m, other=0.0).to(tl.float32)
+    a = tl.load(base + R, mask=m, other=0.0).to(tl.float32)
+    a_log = tl.load(a_log_ptr + h, mask=m, other=0.0).to(tl.float32)
+    dt = tl.load(dt_bias_ptr + h, mask=m, other=0.0).to(tl.float32)
+    x = a + dt
+    softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))  # torch's softplus threshold
+    tl.store(g_ptr + idx, -tl.exp(a_log) * softplus, mask=m)
+    tl.store(beta_ptr + idx, (1.0 / (1.0 + tl.exp(-b))).to(beta_ptr.dtype.element_ty), mask=m)
+
+
+def gdn_gates(ba: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `nextserve.ops.gdn.gdn_gates`: ba [T, Hk, 2r] (rows unit-stride inside) -> (g, beta)."""
+    T, hk, r2 = ba.shape
+    if ba.stride(2) != 1 or ba.stride(1) != r2:
+        ba = ba.contiguous()
+    hv = hk * r2 // 2
+    g = torch.empty(T, hv, dtype=torch.float32, device=ba.device)
+    beta = torch.empty(T, hv, dtype=ba.dtype, device=ba.device)
+    if T:
+        _gates_kernel[(triton.cdiv(T * hv, 1024),)](ba, A_log, dt_bias, g, beta, T * hv, ba.stride(0), HV=hv, R=r2 // 2)
+    return g, beta

@@ -9,9 +9,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+try:  # Triton small-batch path (decode); absent on CPU-only installs.
+    from nextserve.ops import moe_triton
+except ImportError:
+    moe_triton = None
+
+# Up to this many tokens the Triton GEMV kernels beat the grouped GEMM's sort-gather-scatter (decode batches).
+SMALL_BATCH_MAX = 16
+
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, E] logits -> (weights [N, K] fp32, expert ids [N, K]), best first."""
+    """[N, E] logits -> (weights [N, K] fp32, expert ids [N, K]), best first. (Ties between equal probabilities
+    may come out in another order on CUDA, where one Triton kernel does it all.)"""
+    if router_logits.is_cuda and moe_triton is not None:
+        return moe_triton.route(router_logits, top_k, renormalize)
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
@@ -24,9 +35,12 @@ def fused_experts(
 ) -> torch.Tensor:
     """sum_k weights[n,k] * expert_{ids[n,k]}(x[n]) for every token.
 
-    bf16/fp16 on CUDA: one grouped GEMM per projection over the (token, expert) pairs sorted by expert, with no
-    host synchronisation. Elsewhere (and for the fp32 parity tests): the reference loop over the hit experts.
+    On CUDA up to SMALL_BATCH_MAX tokens: Triton GEMV kernels (moe_triton.py). Larger bf16/fp16 batches on CUDA:
+    one grouped GEMM per projection over the (token, expert) pairs sorted by expert. Neither syncs with the host.
+    Elsewhere (and for the fp32 parity tests): the reference loop over the hit experts.
     """
+    if x.is_cuda and moe_triton is not None and x.shape[0] <= SMALL_BATCH_MAX:
+        return moe_triton.fused_experts(x, w13, w2, weights, ids)
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm"):
         return grouped_experts(x, w13, w2, weights, ids)
     return experts_reference(x, w13, w2, weights, ids)
@@ -35,18 +49,23 @@ def fused_experts(
 def grouped_experts(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
-    """Grouped-GEMM form: pairs sorted by expert, offsets from a bincount, `torch._grouped_mm` per projection."""
-    inter = w2.shape[-1]
+    """Grouped-GEMM form: pairs sorted by expert, `torch._grouped_mm` per projection, then each token's K outputs
+    gathered back and summed. No host synchronisation anywhere (the offsets come from a search on the device), so
+    the whole block can be captured in a CUDA graph."""
+    N, K = ids.shape
+    E, inter = w13.shape[0], w2.shape[-1]
     flat = ids.flatten()
-    order = torch.argsort(flat, stable=True)
-    token_of = order // ids.shape[1]
-    offs = torch.cumsum(torch.bincount(flat, minlength=w13.shape[0]), 0).to(torch.int32)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    # offs[e] = pairs routed to experts 0..e (the end of expert e's rows), as the grouped GEMM wants.
+    offs = torch.searchsorted(sorted_ids, torch.arange(E, device=ids.device, dtype=sorted_ids.dtype), right=True)
     # w13 [E, 2I, H] viewed as [E, H, 2I] (column-major per expert: what the grouped GEMM wants), w2 likewise.
-    h = torch._grouped_mm(x[token_of], w13.transpose(1, 2), offs=offs)  # [N*K, 2I]
+    h = torch._grouped_mm(x[order // K], w13.transpose(1, 2), offs=offs.to(torch.int32))  # [N*K, 2I]
     h = F.silu(h[:, :inter]) * h[:, inter:]
-    y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [N*K, H]
-    y = y * weights.flatten()[order, None].to(y.dtype)
-    return torch.zeros_like(x).index_add_(0, token_of, y)
+    y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs.to(torch.int32))  # [N*K, H], sorted by expert
+    # Back to (token, k) order with the inverse permutation: a gather and a sum, no atomics.
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=ids.device))
+    y = y[inverse].view(N, K, -1)
+    return (y * weights[..., None].to(y.dtype)).sum(1, dtype=torch.float32).to(x.dtype)
 
 
 def experts_reference(
