@@ -30,10 +30,30 @@ class ForwardBatch:
     # Recurrent-state snapshots to take inside the step: (sequence b, tokens of b's chunk consumed, dst slot).
     # The Gated DeltaNet layers write the state (conv window and SSM state) at that point into the dst slot.
     snapshots: list[tuple[int, int, int]] = field(default_factory=list)
+    # Values ops derive from the host lists once per step and every layer reuses (see `memo`).
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def memo(self, key, build):
+        """build() on the first call with this key, the same object after: e.g. device copies of per-step metadata,
+        which would otherwise be copied again by every layer (and a copy from pageable memory stalls the stream)."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     def snapshots_of(self, b: int) -> list[tuple[int, int]]:
         """(offset, dst slot) of sequence b's snapshots, by offset."""
         return sorted((o, dst) for sb, o, dst in self.snapshots if sb == b)
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor copied to the batch's device through pinned memory: the copy does not wait for the
+        kernels already queued (one from pageable memory does)."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     @property
     def num_seqs(self) -> int:

@@ -143,16 +143,17 @@ class ExpertCounter:
         self.distinct: list[int] = []
         self.top_mass: list[float] = []
 
-    def _hook(self, k: int):
-        def hook(module, inputs, logits):
-            top = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    def _hook(self, block: Qwen3NextSparseMoeBlock):
+        # On the block's input: the small-batch path computes the router logits inside a fused GEMV, not via gate.
+        def hook(module, inputs):
+            top = torch.softmax(block.gate(inputs[0]).float(), dim=-1).topk(block.top_k, dim=-1)
             self.distinct.append(top.indices.unique().numel())
             self.top_mass.append(top.values.sum(-1).mean().item())
 
         return hook
 
     def __enter__(self) -> ExpertCounter:
-        self.handles = [b.gate.register_forward_hook(self._hook(b.top_k)) for b in self.blocks]
+        self.handles = [b.register_forward_pre_hook(self._hook(b)) for b in self.blocks]
         return self
 
     def __exit__(self, *exc) -> None:

@@ -22,7 +22,7 @@ from nextserve.model_config import ModelConfig
 from nextserve.ops.attention import paged_attention
 from nextserve.ops.conv1d import causal_conv1d
 from nextserve.ops.gdn import gated_delta_rule, gdn_gates
-from nextserve.ops.moe import fused_experts, route
+from nextserve.ops.moe import fused_experts, route, small_batch_fused, small_batch_moe
 from nextserve.ops.norm import add_rms_norm, gated_rms_norm, rms_norm
 from nextserve.parallel import Communicator, ParallelContext
 
@@ -178,11 +178,35 @@ class Qwen3NextSparseMoeBlock(nn.Module):
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        se = self.shared_expert
+        if small_batch_fused(x) and se.down_proj.weight.shape[1] == self.experts.down_proj.shape[2]:
+            # Decode: router, shared gate, routed and shared experts in four launches (ops/moe_triton.py).
+            shared = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight)
+            out = small_batch_moe(
+                x,
+                self._router_weight(),
+                self.experts.gate_up_proj,
+                self.experts.down_proj,
+                shared,
+                self.top_k,
+                self.renormalize,
+            )
+            return self.comm.all_reduce(out)
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
         routed = fused_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights.to(x.dtype), ids)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         # Both halves are partial sums under TP: one all-reduce for the block.
         return self.comm.all_reduce(routed + shared)
+
+    def _router_weight(self) -> torch.Tensor:
+        """[E+1, H]: the router's rows, then the shared expert gate's row (one GEMV for both). Rebuilt whenever
+        either weight changes (loading writes them in place, which bumps their versions)."""
+        a, b = self.gate.weight, self.shared_expert_gate.weight
+        key = (a.data_ptr(), a._version, b.data_ptr(), b._version)
+        if getattr(self, "_router_key", None) != key:
+            self._router_cat = torch.cat([a, b])
+            self._router_key = key
+        return self._router_cat
 
 
 class Qwen3NextDecoderLayer(nn.Module):

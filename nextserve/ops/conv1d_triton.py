@@ -30,8 +30,8 @@ def causal_conv1d(
     if batch.is_decode:
         y = _decode(x, weight, conv_states, batch.state_slots)
         if batch.snapshots:  # offset 1: the window after the step
-            src = batch.state_slots[torch.tensor([b for b, _, _ in batch.snapshots], device=x.device)]
-            dst = torch.tensor([d for _, _, d in batch.snapshots], device=x.device)
+            src = batch.state_slots[batch.to_device(torch.tensor([b for b, _, _ in batch.snapshots]))]
+            dst = batch.to_device(torch.tensor([d for _, _, d in batch.snapshots]))
             conv_states.index_copy_(0, dst, conv_states.index_select(0, src))
         return y
     return _prefill(x, weight, conv_states, batch)
@@ -152,11 +152,16 @@ def _prefill(x, weight, conv_states, batch: ForwardBatch) -> torch.Tensor:
     seqs = list(range(B)) + [b for b, _, _ in batch.snapshots]
     offs = list(batch.query_lens) + [o for _, o, _ in batch.snapshots]
     assert all(0 <= o <= batch.query_lens[b] for b, o in zip(seqs, offs)), "snapshot offset outside the chunk"
-    host = torch.tensor([[starts[b] for b in seqs], offs, seqs], dtype=torch.int64).to(dev, non_blocking=True)
+
+    def window_meta():
+        # Rows: start of the sequence in the step, offset of the window's end, sequence, destination slot (-1: its
+        # own slot). Built once per step; every GDN layer reads the same.
+        dsts = [-1] * B + [d for _, _, d in batch.snapshots]
+        return batch.to_device(torch.tensor([[starts[b] for b in seqs], offs, seqs, dsts], dtype=torch.int64))
+
+    host = batch.memo("conv_windows", window_meta)
     src = batch.state_slots.index_select(0, host[2])
-    dst = src.clone()
-    if batch.snapshots:
-        dst[B:] = torch.tensor([d for _, _, d in batch.snapshots], device=dev)
+    dst = torch.where(host[3] < 0, src, host[3])
     buf = torch.empty(len(seqs), C, K - 1, dtype=conv_states.dtype, device=dev)
     bc = 64
     _window_kernel[(len(seqs), triton.cdiv(C, bc))](

@@ -29,6 +29,9 @@ else:
     FLA_IMPORT_ERROR = None
 
 
+_FLA_CHUNK = 64  # fla's chunk size for the gated delta rule (its default; we pass chunk indices built for it)
+
+
 def can_run(batch: ForwardBatch) -> bool:
     """Whether this module covers the step: decode always, prefill only with fla installed."""
     return batch.is_decode or _fla_chunk is not None
@@ -56,7 +59,7 @@ def gated_delta_rule(
 
 
 def _prefill(q, k, v, g, beta, ssm_states, batch: ForwardBatch) -> torch.Tensor:
-    dev, lens = q.device, batch.query_lens
+    lens = batch.query_lens
     starts = [0]
     for n in lens:
         starts.append(starts[-1] + n)
@@ -82,17 +85,17 @@ def _prefill(q, k, v, g, beta, ssm_states, batch: ForwardBatch) -> torch.Tensor:
         for lo, hi in pieces:
             cu.append(cu[-1] + hi - lo)
         whole = r == 0 and len(members) == len(lens) and cu[-1] == q.shape[1]
+        # Device copies of the round's metadata, made by the first GDN layer of the step and reused by the rest.
+        meta = batch.memo(("fla", r), lambda p=pieces, c=cu, w=whole: _fla_meta(batch, p, c, w))
+        idx, cu_dev, cu_cpu, chunk_indices = meta
         if whole:  # the common case (no cuts): the step's tokens as they are, no gather
-            idx = None
             qr, kr, vr, gr, br = q, k, v, g, beta
         else:
-            idx = torch.cat([torch.arange(lo, hi) for lo, hi in pieces]).to(dev, non_blocking=True)
             qr, kr, vr, gr, br = (x.index_select(1, idx) for x in (q, k, v, g, beta))
         if r == 0:
             h0 = ssm_states.index_select(0, _slots_of(batch, members))
         else:
             h0 = torch.stack([carry[b] for b in members])
-        cu_cpu = torch.tensor(cu, dtype=torch.int64)
         o, ht = _fla_chunk(
             qr,
             kr,
@@ -102,8 +105,9 @@ def _prefill(q, k, v, g, beta, ssm_states, batch: ForwardBatch) -> torch.Tensor:
             initial_state=h0,
             output_final_state=True,
             use_qk_l2norm_in_kernel=True,
-            cu_seqlens=cu_cpu.to(dev, non_blocking=True),
+            cu_seqlens=cu_dev,
             cu_seqlens_cpu=cu_cpu,  # lets fla size its chunk grid without a device sync
+            chunk_indices=chunk_indices,
         )  # o [1, Tr, Hv, dv], ht [N, Hv, dk, dv] fp32
         if idx is None:
             out = o[0]
@@ -120,18 +124,28 @@ def _prefill(q, k, v, g, beta, ssm_states, batch: ForwardBatch) -> torch.Tensor:
     return out.to(v.dtype)
 
 
+def _fla_meta(batch: ForwardBatch, pieces: list[tuple[int, int]], cu: list[int], whole: bool):
+    """(token gather index or None, cu_seqlens on the device and on the host, fla's chunk index [chunks, 2]:
+    (piece, chunk within it) of every 64-token chunk) for one round of pieces."""
+    idx = None if whole else batch.to_device(torch.cat([torch.arange(lo, hi) for lo, hi in pieces]))
+    cu_cpu = torch.tensor(cu, dtype=torch.int64)
+    chunks = [(i, c) for i, (lo, hi) in enumerate(pieces) for c in range(-(-(hi - lo) // _FLA_CHUNK))]
+    chunk_indices = torch.tensor(chunks, dtype=torch.int64).view(-1, 2)
+    return idx, batch.to_device(cu_cpu), cu_cpu, batch.to_device(chunk_indices)
+
+
 def _slots_of(batch: ForwardBatch, seqs: list[int]) -> torch.Tensor:
     """Slots of the given sequences, looked up on the device (no sync to read state_slots on the host)."""
     if seqs == list(range(batch.num_seqs)):
         return batch.state_slots
-    return batch.state_slots[torch.tensor(seqs, device=batch.state_slots.device)]
+    return batch.state_slots[batch.to_device(torch.tensor(seqs))]
 
 
 def _copy_slots(pool: torch.Tensor, batch: ForwardBatch, pairs: list[tuple[int, int]]) -> None:
     """pool[dst] = pool[slot of sequence b] for each (b, dst), in one gather and one scatter."""
     if pairs:
         src = _slots_of(batch, [b for b, _ in pairs])
-        dst = torch.tensor([d for _, d in pairs], device=pool.device)
+        dst = batch.to_device(torch.tensor([d for _, d in pairs]))
         pool.index_copy_(0, dst, pool.index_select(0, src))
 
 

@@ -2,10 +2,12 @@
 
 At a handful of tokens the grouped GEMM's sort, offsets, gathers and scatter cost more launches than its two GEMMs
 take time, and every (token, expert) pair reads its own expert's weights anyway. Here:
-  route:    one program per token: softmax over E logits (fp32), top-k by repeated argmax, optional renormalise.
+  route:    one program per token: softmax over E logits (fp32), top-k by repeated argmax, optional renormalise,
+            and the shared expert's sigmoid gate when its logit rides along as column E.
   gate_up:  one program per (pair, block of I rows): h = SiLU(x W_gate^T) * (x W_up^T) as a GEMV over H.
   down:     one program per (token, block of H outputs): out = sum_k w_k * (h_k W_down^T), the K pairs summed
             in fp32 in the program, so no atomics and no second pass.
+The shared expert can ride along as one more slot per token (`shared=`), which saves its five launches.
 Same contracts as `moe.route` and `moe.fused_experts`; numerics as the grouped path (fp32 accumulation, bf16
 intermediates rounded where torch rounds them). Everything reads ids from the device: capturable in CUDA graphs.
 Legend: N tokens, H hidden, E experts, I expert intermediate size (per TP rank), K experts per token.
@@ -17,14 +19,26 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile sizes: a GEMV streams weight rows; 16 rows x 256 columns of bf16 per load keeps each warp's loads coalesced
-# and gives ~128-160 KB of weights per program at Qwen3-Next shapes (I=512, H=2048).
-_BLOCK_ROWS, _BLOCK_COLS, _WARPS = 16, 256, 4
+# Tile sizes, swept on an H100 at Qwen3-Next shapes (H=2048, I=512, K=10, bf16) under CUDA graphs: wide rows keep
+# each warp's loads coalesced; at one or two tokens the down kernel unrolls its K experts so that all their loads
+# are in flight at once (latency-bound), from four tokens on the plain loop wins.
+TILES = dict(gu_rows=4, gu_cols=1024, gu_warps=4, down_rows=8, down_cols=512, down_warps=4, down_unroll=False)
+TILES_TINY_BATCH = TILES | dict(down_rows=4, down_unroll=True)
 
 
 @triton.jit
 def _route_kernel(
-    logits_ptr, w_ptr, ids_ptr, stride_l, E, K: tl.constexpr, KP: tl.constexpr, RENORM: tl.constexpr, BE: tl.constexpr
+    logits_ptr,
+    w_ptr,
+    ids_ptr,
+    s_ptr,
+    stride_l,
+    E,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    RENORM: tl.constexpr,
+    SHARED: tl.constexpr,
+    BE: tl.constexpr,
 ):
     n = tl.program_id(0)
     oe = tl.arange(0, BE)
@@ -44,37 +58,67 @@ def _route_kernel(
         wv = wv / tl.sum(wv, 0)
     tl.store(w_ptr + n * K + ok, wv, mask=ok < K)
     tl.store(ids_ptr + n * K + ok, iv, mask=ok < K)
+    if SHARED:  # column E is the shared expert's gate logit
+        g = tl.load(logits_ptr + n * stride_l + E).to(tl.float32)
+        tl.store(s_ptr + n, 1.0 / (1.0 + tl.exp(-g)))
 
 
-def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, E] logits -> (weights [N, K] fp32, expert ids [N, K] int64), best first."""
-    N, E = router_logits.shape
-    weights = torch.empty(N, top_k, dtype=torch.float32, device=router_logits.device)
-    ids = torch.empty(N, top_k, dtype=torch.int64, device=router_logits.device)
+def route(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, num_experts: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, E] logits -> (weights [N, K] fp32, expert ids [N, K] int64), best first. With num_experts = E and
+    logits [N, E+1] whose last column is the shared expert's gate: also sigmoid of that column, [N] fp32."""
+    N, cols = router_logits.shape
+    E = num_experts or cols
+    dev = router_logits.device
+    weights = torch.empty(N, top_k, dtype=torch.float32, device=dev)
+    ids = torch.empty(N, top_k, dtype=torch.int64, device=dev)
+    shared = torch.empty(N, dtype=torch.float32, device=dev) if cols > E else None
     if N:
         _route_kernel[(N,)](
             router_logits,
             weights,
             ids,
+            weights if shared is None else shared,
             router_logits.stride(0),
             E,
             K=top_k,
             KP=triton.next_power_of_2(top_k),
             RENORM=renormalize,
+            SHARED=shared is not None,
             BE=triton.next_power_of_2(E),
         )
-    return weights, ids
+    return (weights, ids) if shared is None else (weights, ids, shared)
 
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w13_ptr, ids_ptr, h_ptr, H, I, K: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, FP32: tl.constexpr
+    x_ptr,
+    w13_ptr,
+    ids_ptr,
+    sg_ptr,
+    su_ptr,
+    h_ptr,
+    H,
+    I,
+    K: tl.constexpr,
+    SHARED: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    FP32: tl.constexpr,
 ):
+    KS: tl.constexpr = K + 1 if SHARED else K  # slots per token: its K experts, then the shared one
     pair = tl.program_id(0)
     rows = tl.program_id(1) * BR + tl.arange(0, BR)
-    token = pair // K
-    e = tl.load(ids_ptr + pair).to(tl.int64)
-    base = w13_ptr + e * (2 * I * H)
+    token = pair // KS
+    k = pair % KS
+    e = tl.load(ids_ptr + token * K + tl.minimum(k, K - 1)).to(tl.int64)
+    g_base = w13_ptr + e * (2 * I * H)
+    u_base = g_base + I * H
+    if SHARED:
+        if k == K:
+            g_base = sg_ptr
+            u_base = su_ptr
     mr = rows < I
     acc_g = tl.zeros([BR], dtype=tl.float32)
     acc_u = tl.zeros([BR], dtype=tl.float32)
@@ -83,8 +127,8 @@ def _gate_up_kernel(
         mc = cols < H
         xv = tl.load(x_ptr + token * H + cols, mask=mc, other=0.0).to(tl.float32)
         m = mr[:, None] & mc[None, :]
-        wg = tl.load(base + rows[:, None] * H + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        wu = tl.load(base + (I + rows[:, None]) * H + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        wg = tl.load(g_base + rows[:, None] * H + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        wu = tl.load(u_base + rows[:, None] * H + cols[None, :], mask=m, other=0.0).to(tl.float32)
         acc_g += tl.sum(wg * xv[None, :], 1)
         acc_u += tl.sum(wu * xv[None, :], 1)
     if not FP32:  # the grouped GEMM's outputs are in the model dtype before the activation
@@ -95,31 +139,75 @@ def _gate_up_kernel(
 
 
 @triton.jit
-def _down_kernel(h_ptr, w2_ptr, ids_ptr, wts_ptr, out_ptr, H, I, K: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+def _down_pair(h_ptr, w2_ptr, ids_ptr, wts_ptr, sd_ptr, s_ptr, token, k, rows, mr, H, I, K, SHARED, BR, BC, OUT_TY):
+    """Slot k of a token: w * (h W_down^T) for BR output rows, rounded to the model dtype before the weight (as
+    the grouped GEMM's output is)."""
+    KS: tl.constexpr = K + 1 if SHARED else K
+    kk = tl.minimum(k, K - 1)
+    e = tl.load(ids_ptr + token * K + kk).to(tl.int64)
+    wt = tl.load(wts_ptr + token * K + kk).to(tl.float32)
+    base = w2_ptr + e * (H * I)
+    if SHARED:
+        if k == K:
+            base = sd_ptr
+            wt = tl.load(s_ptr + token)
+    hrow = h_ptr + (token * KS + k) * I
+    y = tl.zeros([BR], dtype=tl.float32)
+    for c0 in range(0, I, BC):
+        cols = c0 + tl.arange(0, BC)
+        mc = cols < I
+        hv = tl.load(hrow + cols, mask=mc, other=0.0).to(tl.float32)
+        w = tl.load(base + rows[:, None] * I + cols[None, :], mask=mr[:, None] & mc[None, :], other=0.0)
+        y += tl.sum(w.to(tl.float32) * hv[None, :], 1)
+    return wt * y.to(OUT_TY).to(tl.float32)
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr,
+    w2_ptr,
+    ids_ptr,
+    wts_ptr,
+    sd_ptr,
+    s_ptr,
+    out_ptr,
+    H,
+    I,
+    K: tl.constexpr,
+    SHARED: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    KS: tl.constexpr = K + 1 if SHARED else K
     token = tl.program_id(0)
     rows = tl.program_id(1) * BR + tl.arange(0, BR)  # output features
     mr = rows < H
     acc = tl.zeros([BR], dtype=tl.float32)
-    for k in range(K):
-        pair = token * K + k
-        e = tl.load(ids_ptr + pair).to(tl.int64)
-        wt = tl.load(wts_ptr + pair).to(tl.float32)
-        base = w2_ptr + e * (H * I)
-        y = tl.zeros([BR], dtype=tl.float32)
-        for c0 in range(0, I, BC):
-            cols = c0 + tl.arange(0, BC)
-            mc = cols < I
-            hv = tl.load(h_ptr + pair * I + cols, mask=mc, other=0.0).to(tl.float32)
-            w = tl.load(base + rows[:, None] * I + cols[None, :], mask=mr[:, None] & mc[None, :], other=0.0)
-            y += tl.sum(w.to(tl.float32) * hv[None, :], 1)
-        acc += wt * y.to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + token * H + rows, acc.to(out_ptr.dtype.element_ty), mask=mr)
+    ty = out_ptr.dtype.element_ty
+    args = (h_ptr, w2_ptr, ids_ptr, wts_ptr, sd_ptr, s_ptr, token)
+    if UNROLL:  # the slots' loads are independent: unrolled, they can all be in flight at once
+        for k in tl.static_range(KS):
+            acc += _down_pair(*args, k, rows, mr, H, I, K, SHARED, BR, BC, ty)
+    else:
+        for k in range(KS):
+            acc += _down_pair(*args, k, rows, mr, H, I, K, SHARED, BR, BC, ty)
+    tl.store(out_ptr + token * H + rows, acc.to(ty), mask=mr)
 
 
 def fused_experts(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    tiles: dict | None = None,
 ) -> torch.Tensor:
-    """sum_k weights[n,k] * expert_{ids[n,k]}(x[n]); x [N, H], w13 [E, 2I, H], w2 [E, H, I] (contiguous)."""
+    """sum_k weights[n,k] * expert_{ids[n,k]}(x[n]); x [N, H], w13 [E, 2I, H], w2 [E, H, I] (contiguous).
+
+    shared = (gate_proj [I, H], up_proj [I, H], down_proj [H, I], gate [N] fp32): the shared expert joins as one
+    more slot per token, weighted by gate, in the same two launches (its intermediate size must be I)."""
     assert w13.is_contiguous() and w2.is_contiguous(), "expert weights are indexed by raw offsets"
     x = x.contiguous()
     N, H = x.shape
@@ -128,13 +216,100 @@ def fused_experts(
     if N == 0:
         return out
     ids, weights = ids.contiguous(), weights.contiguous()
-    h = torch.empty(N * K, inter, dtype=x.dtype, device=x.device)
+    if shared is not None:
+        sg, su, sd, s = (t.contiguous() for t in shared)
+        assert sg.shape == (inter, H) and sd.shape == (H, inter), "the shared expert must have the experts' size"
+    else:
+        sg = su = sd = s = weights  # never read
+    KS = K + (shared is not None)
+    h = torch.empty(N * KS, inter, dtype=x.dtype, device=x.device)
+    t = (TILES if N > 2 else TILES_TINY_BATCH) | (tiles or {})
     fp32 = x.dtype == torch.float32
-    bc_h, bc_i = min(_BLOCK_COLS, triton.next_power_of_2(H)), min(_BLOCK_COLS, triton.next_power_of_2(inter))
-    _gate_up_kernel[(N * K, triton.cdiv(inter, _BLOCK_ROWS))](
-        x, w13, ids, h, H, inter, K=K, BR=_BLOCK_ROWS, BC=bc_h, FP32=fp32, num_warps=_WARPS
+    bc_h, bc_i = min(t["gu_cols"], triton.next_power_of_2(H)), min(t["down_cols"], triton.next_power_of_2(inter))
+    _gate_up_kernel[(N * KS, triton.cdiv(inter, t["gu_rows"]))](
+        x,
+        w13,
+        ids,
+        sg,
+        su,
+        h,
+        H,
+        inter,
+        K=K,
+        SHARED=shared is not None,
+        BR=t["gu_rows"],
+        BC=bc_h,
+        FP32=fp32,
+        num_warps=t["gu_warps"],
     )
-    _down_kernel[(N, triton.cdiv(H, _BLOCK_ROWS))](
-        h, w2, ids, weights, out, H, inter, K=K, BR=_BLOCK_ROWS, BC=bc_i, num_warps=_WARPS
+    _down_kernel[(N, triton.cdiv(H, t["down_rows"]))](
+        h,
+        w2,
+        ids,
+        weights,
+        sd,
+        s,
+        out,
+        H,
+        inter,
+        K=K,
+        SHARED=shared is not None,
+        BR=t["down_rows"],
+        BC=bc_i,
+        UNROLL=t["down_unroll"],
+        num_warps=t["down_warps"],
     )
+    return out
+
+
+# ---- large batches: the element-wise steps around the grouped GEMMs (moe.grouped_experts) ----
+
+
+@triton.jit
+def _silu_mul_kernel(h_ptr, out_ptr, I, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < I
+    g = tl.load(h_ptr + row * 2 * I + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(h_ptr + row * 2 * I + I + cols, mask=m, other=0.0).to(tl.float32)
+    # torch rounds SiLU(g) to the model dtype before the product
+    a = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * I + cols, (a * u).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """[M, 2I] (gate | up) -> SiLU(gate) * up, [M, I], in one pass."""
+    M, I2 = h.shape
+    h = h.contiguous()
+    out = torch.empty(M, I2 // 2, dtype=h.dtype, device=h.device)
+    if M:
+        block = min(1024, triton.next_power_of_2(I2 // 2))
+        _silu_mul_kernel[(M, triton.cdiv(I2 // 2, block))](h, out, I2 // 2, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _combine_kernel(y_ptr, inv_ptr, w_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr):
+    n = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < H
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in tl.static_range(K):
+        row = tl.load(inv_ptr + n * K + k).to(tl.int64)
+        wt = tl.load(w_ptr + n * K + k).to(tl.float32)
+        acc += wt * tl.load(y_ptr + row * H + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + n * H + cols, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def combine(y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[n] = sum_k weights[n, k] * y[inverse[n*K + k]]: each token's K expert outputs (rows of y, which is
+    sorted by expert) gathered, weighted and summed in fp32 in one pass. y [N*K, H]; weights [N, K]."""
+    N, K = weights.shape
+    H = y.shape[1]
+    out = torch.empty(N, H, dtype=y.dtype, device=y.device)
+    if N:
+        block = min(1024, triton.next_power_of_2(H))
+        _combine_kernel[(N, triton.cdiv(H, block))](
+            y.contiguous(), inverse.contiguous(), weights.contiguous(), out, H, K=K, BLOCK=block
+        )
     return out

@@ -51,7 +51,7 @@ def test_graph_step_matches_eager_step(tiny_model_dir, B):
         fb = ForwardBatch.build([1] * B, ctx, slots, tables, ps, device="cuda")
         hidden = model(torch.tensor(ids, device="cuda"), fb)
         eager = model.compute_logits(hidden).float()
-        eager_ssm = eng.state_pool.ssm[slots].clone()
+        eager_ssm = eng.state_pool.ssm[:, slots].clone()
         # Same starting caches for the graph.
         eng.kv_pool.k.copy_(kv[0])
         eng.kv_pool.v.copy_(kv[1])
@@ -65,7 +65,7 @@ def test_graph_step_matches_eager_step(tiny_model_dir, B):
         eng.state_pool.conv.copy_(states[0])
         eng.state_pool.ssm.copy_(states[1])
         _, logits = graphs.run(ids, ctx, slots, tables)
-        graph_ssm = eng.state_pool.ssm[slots].clone()
+        graph_ssm = eng.state_pool.ssm[:, slots].clone()
     if B == 4:
         assert torch.equal(logits, eager)
         assert torch.equal(graph_ssm, eager_ssm)

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nextserve.ops import gdn, moe
 
@@ -81,3 +82,45 @@ def test_gdn_gates_match_reference(T, hk, r, dtype):
     torch.testing.assert_close(gk.cpu(), g0, rtol=1e-5, atol=1e-6)
     # bf16: one rounding step apart at most (the interpreter truncates where the GPU rounds).
     torch.testing.assert_close(beta.cpu().float(), beta0.float(), rtol=0, atol=4e-3 if dtype == BF16 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(F32, 1e-5), (BF16, 3e-2)])
+@pytest.mark.parametrize("N", [1, 2, 5, 32])
+def test_small_batch_moe_block_with_shared_expert(N, dtype, tol):
+    """The four-launch block (router + shared gate GEMV, routing, experts with the shared one as a slot) against
+    the torch block: routed experts plus sigmoid(gate) * shared MLP."""
+    g = _gen(N)
+    E, K, H, inter = 24, 4, 64, 32
+    x = torch.randn(N, H, generator=g).to(dtype)
+    router = (torch.randn(E, H, generator=g) / H**0.5).to(dtype)
+    shared_gate = (torch.randn(1, H, generator=g) / H**0.5).to(dtype)
+    w13 = (torch.randn(E, 2 * inter, H, generator=g) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, inter, generator=g) / inter**0.5).to(dtype)
+    sg, su = ((torch.randn(inter, H, generator=g) / H**0.5).to(dtype) for _ in range(2))
+    sd = (torch.randn(H, inter, generator=g) / inter**0.5).to(dtype)
+
+    f = lambda t: t.float()  # noqa: E731
+    weights, ids = moe.route(f(x) @ f(router).T, K, True)
+    shared = torch.sigmoid(f(x) @ f(shared_gate).T) * ((F.silu(f(x) @ f(sg).T) * (f(x) @ f(su).T)) @ f(sd).T)
+    ref = moe.experts_reference(f(x), f(w13), f(w2), weights, ids) + shared
+
+    dev = [t.to(DEVICE) for t in (x, torch.cat([router, shared_gate]), w13, w2, sg, su, sd)]
+    out = moe.small_batch_moe(dev[0], dev[1], dev[2], dev[3], tuple(dev[4:]), K, True).cpu().float()
+    assert (out - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_silu_mul_and_combine_match_torch(dtype):
+    g = _gen(11)
+    N, K, H, inter = 37, 3, 96, 40
+    h = torch.randn(N * K, 2 * inter, generator=g).to(dtype)
+    ref = (F.silu(h[:, :inter]) * h[:, inter:]).float()
+    out = moe.moe_triton.silu_mul(h.to(DEVICE)).cpu().float()
+    torch.testing.assert_close(out, ref, rtol=1e-2 if dtype == BF16 else 1e-6, atol=1e-2 if dtype == BF16 else 1e-6)
+    y = torch.randn(N * K, H, generator=g).to(dtype)
+    order = torch.randperm(N * K, generator=g)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * K))
+    w = torch.rand(N, K, generator=g)
+    ref = (y.float()[inverse].view(N, K, H) * w[..., None]).sum(1)
+    out = moe.moe_triton.combine(y.to(DEVICE), inverse.to(DEVICE), w.to(DEVICE)).cpu().float()
+    torch.testing.assert_close(out, ref, rtol=1e-2 if dtype == BF16 else 1e-6, atol=2e-2 if dtype == BF16 else 1e-5)
