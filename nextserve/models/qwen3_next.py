@@ -130,8 +130,8 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         z = z.reshape(T, hv, dv)
         # Conv runs over channels in [q | k | v] order, key-head-major then value-head-major: [T, conv_dim].
         mixed = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)
-        mixed = causal_conv1d(mixed, self.conv1d.weight[:, 0, :], self.conv_state, batch)
-        q, k, v = mixed.split([hk * dk, hk * dk, hv * dv], dim=-1)
+        parts = [hk * dk, hk * dk, hv * dv]
+        q, k, v = causal_conv1d(mixed, self.conv1d.weight[:, 0, :], self.conv_state, batch, parts)
         q, k, v = q.view(T, hk, dk), k.view(T, hk, dk), v.view(T, hv, dv)
         # beta = sigmoid(b), log decay g = -exp(A_log) softplus(a + dt_bias) <= 0 (fp32), from [b | a] per key head.
         g, beta = gdn_gates(self.in_proj_ba(x).view(T, hk, 2 * r), self.A_log, self.dt_bias)

@@ -25,10 +25,24 @@ UNIFORM_MAX = 8
 
 
 def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_states: torch.Tensor,
+    batch: ForwardBatch,
+    parts: list[int] | None = None,
+) -> torch.Tensor | list[torch.Tensor]:
+    """With `parts` (channel counts summing to C): one [T, part] output per part instead of [T, C]. The CUDA
+    prefill path writes each part contiguously (what the chunked GDN kernel wants: no copies); elsewhere they are
+    views."""
+    if x.is_cuda and conv1d_triton is not None:
+        return conv1d_triton.causal_conv1d(x, weight, conv_states, batch, parts)
+    out = _causal_conv1d(x, weight, conv_states, batch)
+    return out if parts is None else list(out.split(parts, dim=-1))
+
+
+def _causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor, batch: ForwardBatch
 ) -> torch.Tensor:
-    if x.is_cuda and conv1d_triton is not None:
-        return conv1d_triton.causal_conv1d(x, weight, conv_states, batch)
     n = batch.uniform_len
     if n is not None and n <= UNIFORM_MAX:
         return _conv1d_uniform(x, weight, conv_states, batch, n)

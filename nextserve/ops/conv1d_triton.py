@@ -21,8 +21,12 @@ _BT, _BC, _WARPS = 32, 128, 4  # prefill tile (tokens x channels) and warps per 
 
 
 def causal_conv1d(
-    x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor, batch: ForwardBatch
-) -> torch.Tensor:
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_states: torch.Tensor,
+    batch: ForwardBatch,
+    parts: list[int] | None = None,
+) -> torch.Tensor | list[torch.Tensor]:
     """Same contract as `nextserve.ops.conv1d.causal_conv1d`, on CUDA tensors."""
     assert conv_states.is_contiguous(), "the slot pool is indexed by raw offsets"
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -33,8 +37,8 @@ def causal_conv1d(
             src = batch.state_slots[batch.to_device(torch.tensor([b for b, _, _ in batch.snapshots]))]
             dst = batch.to_device(torch.tensor([d for _, _, d in batch.snapshots]))
             conv_states.index_copy_(0, dst, conv_states.index_select(0, src))
-        return y
-    return _prefill(x, weight, conv_states, batch)
+        return y if parts is None else list(y.split(parts, dim=-1))  # decode kernels read strided rows
+    return _prefill(x, weight, conv_states, batch, parts)
 
 
 @triton.jit
@@ -47,6 +51,9 @@ def _conv_kernel(
     slot_ptr,
     stride_x,
     C,
+    T,
+    P1,
+    P2,
     K: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
@@ -81,9 +88,11 @@ def _conv_kernel(
                 w = tl.load(w_ptr + c * K + j, mask=mc, other=0.0).to(tl.float32)
                 acc += tl.where((t == p - j)[:, None], (w * sp)[None, :], 0.0)
     y = acc / (1.0 + tl.exp(-acc))  # SiLU
-    tl.store(
-        out_ptr + (start + t)[:, None] * C + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mt[:, None] & mc[None, :]
-    )
+    # Channel c lands in part [0, P1), [P1, P2) or [P2, C), each part a row-major [T, width] block.
+    lo = tl.where(c < P1, 0, tl.where(c < P2, P1, P2)).to(tl.int64)
+    width = tl.where(c < P1, P1, tl.where(c < P2, P2 - P1, C - P2)).to(tl.int64)
+    dst = T * lo[None, :] + (start + t)[:, None] * width[None, :] + (c - lo)[None, :]
+    tl.store(out_ptr + dst, y.to(out_ptr.dtype.element_ty), mask=mt[:, None] & mc[None, :])
 
 
 @triton.jit
@@ -121,15 +130,27 @@ def _window_kernel(
     )
 
 
-def _prefill(x, weight, conv_states, batch: ForwardBatch) -> torch.Tensor:
+def _prefill(x, weight, conv_states, batch: ForwardBatch, parts: list[int] | None) -> torch.Tensor | list:
     T, C = x.shape
     K = weight.shape[1]
     dev = x.device
-    out = torch.empty(T, C, dtype=x.dtype, device=dev)
+    # Output parts laid end to end, each [T, part] row-major: part p of token t starts at T*lo_p + t*width_p.
+    # Up to three parts (the GDN's q | k | v); one part is the plain [T, C] layout.
+    split = parts is not None
+    parts = list(parts or [C])
+    assert sum(parts) == C and len(parts) <= 3, "parts must split the channels into at most three"
+    bounds = [sum(parts[:i]) for i in range(1, len(parts))] + [C] * (3 - len(parts))
+    out = torch.empty(T * C, dtype=x.dtype, device=dev)
+    lo = 0
+    views = []
+    for p in parts:
+        views.append(out[T * lo : T * (lo + p)].view(T, p))
+        lo += p
+    result = views if split else views[0]
     B = batch.num_seqs
     max_n = max(batch.query_lens, default=0)
     if B == 0 or max_n == 0:
-        return out
+        return result
     grid = (triton.cdiv(max_n, _BT), B, triton.cdiv(C, _BC))
     _conv_kernel[grid](
         x,
@@ -140,6 +161,9 @@ def _prefill(x, weight, conv_states, batch: ForwardBatch) -> torch.Tensor:
         batch.state_slots,
         x.stride(0),
         C,
+        T,
+        bounds[0],
+        bounds[1],
         K=K,
         BT=_BT,
         BC=_BC,
@@ -168,7 +192,7 @@ def _prefill(x, weight, conv_states, batch: ForwardBatch) -> torch.Tensor:
         x, conv_states, buf, host[0], src, host[1], x.stride(0), C, K=K, BK=triton.next_power_of_2(K - 1), BC=bc
     )
     conv_states.index_copy_(0, dst, buf)
-    return out
+    return result
 
 
 @triton.jit

@@ -145,6 +145,26 @@ def test_conv1d_matches_reference(dtype, lens):
     assert torch.equal(pool.cpu(), ref_pool), "windows are copies of inputs: they must match exactly"
 
 
+@pytest.mark.parametrize("lens", [LENS, [1] * 5], ids=["prefill", "decode"])
+def test_conv1d_split_parts(lens):
+    """parts=[q, k, v] widths: the same values as the [T, C] output, as contiguous parts on prefill."""
+    parts = [64, 64, 262]
+    C, K, S = sum(parts), 4, 40
+    batch = make_batch(lens, S, 2, 9, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(9)
+    x = torch.randn(sum(lens), C, device="cuda", generator=g)
+    w = torch.randn(C, K, device="cuda", generator=g)
+    pool = torch.randn(S, C, K - 1, device="cuda", generator=g)
+    whole_pool = pool.clone()
+    whole = conv1d.causal_conv1d(x, w, whole_pool, batch)
+    out = conv1d.causal_conv1d(x, w, pool, batch, parts)
+    assert [o.shape[1] for o in out] == parts
+    assert torch.equal(torch.cat(out, dim=1), whole)
+    assert torch.equal(pool, whole_pool)
+    if len(lens) != lens.count(1):
+        assert all(o.is_contiguous() for o in out)
+
+
 def test_conv1d_strided_input():
     """The model hands the conv a column slice of a wider activation (last dim unit-stride, rows strided)."""
     C, K, S = 256, 4, 10
