@@ -122,16 +122,22 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         self.out_proj = row_parallel(ctx, comm, vd, H, dtype=dtype)
         self.conv_state: torch.Tensor | None = None  # [slots, conv_dim_local, K-1], bound by the engine
         self.ssm_state: torch.Tensor | None = None  # [slots, Hv, dk, dv]
+        # Conv channels run in [q | k | v] order, key-head-major then value-head-major; the projection's columns are
+        # grouped [q | k | v | z] per key head. conv_columns[c] is the projection column feeding channel c, so the
+        # conv reads the projection output in place (no concatenated copy).
+        dk, rdv = self.dk, self.r * self.dv
+        j = torch.arange(self.hk)[:, None] * (2 * dk + 2 * rdv)  # first column of each key head's group
+        cols = [j + torch.arange(dk), j + dk + torch.arange(dk), j + 2 * dk + torch.arange(rdv)]
+        self.register_buffer("conv_columns", torch.cat([c.flatten() for c in cols]).int(), persistent=False)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T, hk, hv, dk, dv, r = x.shape[0], self.hk, self.hv, self.dk, self.dv, self.r
-        qkvz = self.in_proj_qkvz(x).view(T, hk, 2 * dk + 2 * r * dv)
-        q, k, v, z = qkvz.split([dk, dk, r * dv, r * dv], dim=-1)
-        z = z.reshape(T, hv, dv)
-        # Conv runs over channels in [q | k | v] order, key-head-major then value-head-major: [T, conv_dim].
-        mixed = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)
+        qkvz = self.in_proj_qkvz(x)  # [T, Hk * (2 dk + 2 r dv)]
+        z = qkvz.view(T, hk, 2 * dk + 2 * r * dv)[..., 2 * dk + r * dv :].reshape(T, hv, dv)
         parts = [hk * dk, hk * dk, hv * dv]
-        q, k, v = causal_conv1d(mixed, self.conv1d.weight[:, 0, :], self.conv_state, batch, parts)
+        q, k, v = causal_conv1d(
+            qkvz, self.conv1d.weight[:, 0, :], self.conv_state, batch, parts, columns=self.conv_columns
+        )
         q, k, v = q.view(T, hk, dk), k.view(T, hk, dk), v.view(T, hv, dv)
         # beta = sigmoid(b), log decay g = -exp(A_log) softplus(a + dt_bias) <= 0 (fp32), from [b | a] per key head.
         g, beta = gdn_gates(self.in_proj_ba(x).view(T, hk, 2 * r), self.A_log, self.dt_bias)

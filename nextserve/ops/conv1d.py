@@ -30,12 +30,16 @@ def causal_conv1d(
     conv_states: torch.Tensor,
     batch: ForwardBatch,
     parts: list[int] | None = None,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
     """With `parts` (channel counts summing to C): one [T, part] output per part instead of [T, C]. The CUDA
     prefill path writes each part contiguously (what the chunked GDN kernel wants: no copies); elsewhere they are
-    views."""
+    views. With `columns` [C] (int): channel c reads x[:, columns[c]] (x may be wider than C), as if
+    x[:, columns] were passed, without that copy on CUDA."""
     if x.is_cuda and conv1d_triton is not None:
-        return conv1d_triton.causal_conv1d(x, weight, conv_states, batch, parts)
+        return conv1d_triton.causal_conv1d(x, weight, conv_states, batch, parts, columns)
+    if columns is not None:
+        x = x[:, columns.long()]
     out = _causal_conv1d(x, weight, conv_states, batch)
     return out if parts is None else list(out.split(parts, dim=-1))
 

@@ -26,24 +26,29 @@ def causal_conv1d(
     conv_states: torch.Tensor,
     batch: ForwardBatch,
     parts: list[int] | None = None,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
     """Same contract as `nextserve.ops.conv1d.causal_conv1d`, on CUDA tensors."""
     assert conv_states.is_contiguous(), "the slot pool is indexed by raw offsets"
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight.contiguous()
+    C = weight.shape[0]
+    if columns is None:
+        columns = batch.memo(("conv_columns", C), lambda: torch.arange(C, dtype=torch.int32, device=x.device))
     if batch.is_decode:
-        y = _decode(x, weight, conv_states, batch.state_slots)
+        y = _decode(x, weight, conv_states, batch.state_slots, columns)
         if batch.snapshots:  # offset 1: the window after the step
             src = batch.state_slots[batch.to_device(torch.tensor([b for b, _, _ in batch.snapshots]))]
             dst = batch.to_device(torch.tensor([d for _, _, d in batch.snapshots]))
             conv_states.index_copy_(0, dst, conv_states.index_select(0, src))
         return y if parts is None else list(y.split(parts, dim=-1))  # decode kernels read strided rows
-    return _prefill(x, weight, conv_states, batch, parts)
+    return _prefill(x, weight, conv_states, batch, parts, columns)
 
 
 @triton.jit
 def _conv_kernel(
     x_ptr,
+    col_ptr,
     w_ptr,
     state_ptr,
     out_ptr,
@@ -70,12 +75,13 @@ def _conv_kernel(
     c = i_c * BC + tl.arange(0, BC)
     mt = t < n
     mc = c < C
+    xc = tl.load(col_ptr + c, mask=mc, other=0)  # the column of x feeding each channel
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for j in tl.static_range(K):
         # Tap j reads input t + j - (K-1); inputs before the chunk (index < 0) come from the window below.
         idx = t + j - (K - 1)
         m = (mt & (idx >= 0))[:, None] & mc[None, :]
-        xv = tl.load(x_ptr + (start + idx)[:, None] * stride_x + c[None, :], mask=m, other=0.0)
+        xv = tl.load(x_ptr + (start + idx)[:, None] * stride_x + xc[None, :], mask=m, other=0.0)
         w = tl.load(w_ptr + c * K + j, mask=mc, other=0.0).to(tl.float32)
         acc += xv.to(tl.float32) * w[None, :]
     if i_t == 0:
@@ -98,6 +104,7 @@ def _conv_kernel(
 @triton.jit
 def _window_kernel(
     x_ptr,
+    col_ptr,
     state_ptr,
     buf_ptr,
     start_ptr,
@@ -122,7 +129,8 @@ def _window_kernel(
     idx = off - (K - 1) + i
     from_x = mc[:, None] & (mi & (idx >= 0))[None, :]
     from_s = mc[:, None] & (mi & (idx < 0))[None, :]
-    xv = tl.load(x_ptr + (start + idx)[None, :] * stride_x + c[:, None], mask=from_x, other=0.0)
+    xc = tl.load(col_ptr + c, mask=mc, other=0)
+    xv = tl.load(x_ptr + (start + idx)[None, :] * stride_x + xc[:, None], mask=from_x, other=0.0)
     sv = tl.load(state_ptr + (slot * C + c[:, None]) * (K - 1) + (idx + K - 1)[None, :], mask=from_s, other=0.0)
     win = xv.to(tl.float32) + sv.to(tl.float32)
     tl.store(
@@ -130,8 +138,8 @@ def _window_kernel(
     )
 
 
-def _prefill(x, weight, conv_states, batch: ForwardBatch, parts: list[int] | None) -> torch.Tensor | list:
-    T, C = x.shape
+def _prefill(x, weight, conv_states, batch: ForwardBatch, parts: list[int] | None, columns) -> torch.Tensor | list:
+    T, C = x.shape[0], weight.shape[0]
     K = weight.shape[1]
     dev = x.device
     # Output parts laid end to end, each [T, part] row-major: part p of token t starts at T*lo_p + t*width_p.
@@ -154,6 +162,7 @@ def _prefill(x, weight, conv_states, batch: ForwardBatch, parts: list[int] | Non
     grid = (triton.cdiv(max_n, _BT), B, triton.cdiv(C, _BC))
     _conv_kernel[grid](
         x,
+        columns,
         weight,
         conv_states,
         out,
@@ -189,7 +198,18 @@ def _prefill(x, weight, conv_states, batch: ForwardBatch, parts: list[int] | Non
     buf = torch.empty(len(seqs), C, K - 1, dtype=conv_states.dtype, device=dev)
     bc = 64
     _window_kernel[(len(seqs), triton.cdiv(C, bc))](
-        x, conv_states, buf, host[0], src, host[1], x.stride(0), C, K=K, BK=triton.next_power_of_2(K - 1), BC=bc
+        x,
+        columns,
+        conv_states,
+        buf,
+        host[0],
+        src,
+        host[1],
+        x.stride(0),
+        C,
+        K=K,
+        BK=triton.next_power_of_2(K - 1),
+        BC=bc,
     )
     conv_states.index_copy_(0, dst, buf)
     return result
@@ -198,6 +218,7 @@ def _prefill(x, weight, conv_states, batch: ForwardBatch, parts: list[int] | Non
 @triton.jit
 def _decode_kernel(
     x_ptr,
+    col_ptr,
     w_ptr,
     state_ptr,
     out_ptr,
@@ -214,7 +235,7 @@ def _decode_kernel(
     mc = c < C
     slot = tl.load(slot_ptr + b).to(tl.int64)
     p_s = state_ptr + (slot * C + c) * (K - 1)
-    xv = tl.load(x_ptr + b * stride_x + c, mask=mc, other=0.0)
+    xv = tl.load(x_ptr + b * stride_x + tl.load(col_ptr + c, mask=mc, other=0), mask=mc, other=0.0)
     acc = xv.to(tl.float32) * tl.load(w_ptr + c * K + (K - 1), mask=mc, other=0.0).to(tl.float32)
     for j in tl.static_range(K - 1):
         s = tl.load(p_s + j, mask=mc, other=0.0)
@@ -228,11 +249,11 @@ def _decode_kernel(
     tl.store(out_ptr + b * C + c, y.to(out_ptr.dtype.element_ty), mask=mc)
 
 
-def _decode(x, weight, conv_states, slots: torch.Tensor) -> torch.Tensor:
-    B, C = x.shape
+def _decode(x, weight, conv_states, slots: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    B, C = x.shape[0], weight.shape[0]
     K = weight.shape[1]
     out = torch.empty(B, C, dtype=x.dtype, device=x.device)
     if B:
         bc = 256
-        _decode_kernel[(B, triton.cdiv(C, bc))](x, weight, conv_states, out, slots, x.stride(0), C, K=K, BC=bc)
+        _decode_kernel[(B, triton.cdiv(C, bc))](x, columns, weight, conv_states, out, slots, x.stride(0), C, K=K, BC=bc)
     return out

@@ -147,17 +147,19 @@ def test_conv1d_matches_reference(dtype, lens):
 
 @pytest.mark.parametrize("lens", [LENS, [1] * 5], ids=["prefill", "decode"])
 def test_conv1d_split_parts(lens):
-    """parts=[q, k, v] widths: the same values as the [T, C] output, as contiguous parts on prefill."""
+    """parts=[q, k, v] widths and a column map into a wider x (the model passes its projection output): the same
+    values as the [T, C] output on x[:, columns], as contiguous parts on prefill."""
     parts = [64, 64, 262]
     C, K, S = sum(parts), 4, 40
     batch = make_batch(lens, S, 2, 9, "cuda")
     g = torch.Generator(device="cuda").manual_seed(9)
-    x = torch.randn(sum(lens), C, device="cuda", generator=g)
+    wide = torch.randn(sum(lens), C + 100, device="cuda", generator=g)
+    columns = torch.randperm(C + 100, device="cuda", generator=g)[:C].int()
     w = torch.randn(C, K, device="cuda", generator=g)
     pool = torch.randn(S, C, K - 1, device="cuda", generator=g)
     whole_pool = pool.clone()
-    whole = conv1d.causal_conv1d(x, w, whole_pool, batch)
-    out = conv1d.causal_conv1d(x, w, pool, batch, parts)
+    whole = conv1d.causal_conv1d(wide[:, columns.long()].contiguous(), w, whole_pool, batch)
+    out = conv1d.causal_conv1d(wide, w, pool, batch, parts, columns=columns)
     assert [o.shape[1] for o in out] == parts
     assert torch.equal(torch.cat(out, dim=1), whole)
     assert torch.equal(pool, whole_pool)
