@@ -32,9 +32,6 @@ def causal_conv1d(
     assert conv_states.is_contiguous(), "the slot pool is indexed by raw offsets"
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight.contiguous()
-    C = weight.shape[0]
-    if columns is None:
-        columns = batch.memo(("conv_columns", C), lambda: torch.arange(C, dtype=torch.int32, device=x.device))
     if batch.is_decode:
         y = _decode(x, weight, conv_states, batch.state_slots, columns)
         if batch.snapshots:  # offset 1: the window after the step
@@ -60,6 +57,7 @@ def _conv_kernel(
     P1,
     P2,
     K: tl.constexpr,
+    HAS_COLS: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
 ):
@@ -75,7 +73,10 @@ def _conv_kernel(
     c = i_c * BC + tl.arange(0, BC)
     mt = t < n
     mc = c < C
-    xc = tl.load(col_ptr + c, mask=mc, other=0)  # the column of x feeding each channel
+    if HAS_COLS:
+        xc = tl.load(col_ptr + c, mask=mc, other=0)  # the column of x feeding each channel
+    else:
+        xc = c  # known contiguous: the loads vectorise (a column map makes them gathers)
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for j in tl.static_range(K):
         # Tap j reads input t + j - (K-1); inputs before the chunk (index < 0) come from the window below.
@@ -113,6 +114,7 @@ def _window_kernel(
     stride_x,
     C,
     K: tl.constexpr,
+    HAS_COLS: tl.constexpr,
     BK: tl.constexpr,
     BC: tl.constexpr,
 ):
@@ -129,7 +131,10 @@ def _window_kernel(
     idx = off - (K - 1) + i
     from_x = mc[:, None] & (mi & (idx >= 0))[None, :]
     from_s = mc[:, None] & (mi & (idx < 0))[None, :]
-    xc = tl.load(col_ptr + c, mask=mc, other=0)
+    if HAS_COLS:
+        xc = tl.load(col_ptr + c, mask=mc, other=0)
+    else:
+        xc = c
     xv = tl.load(x_ptr + (start + idx)[None, :] * stride_x + xc[:, None], mask=from_x, other=0.0)
     sv = tl.load(state_ptr + (slot * C + c[:, None]) * (K - 1) + (idx + K - 1)[None, :], mask=from_s, other=0.0)
     win = xv.to(tl.float32) + sv.to(tl.float32)
@@ -160,9 +165,10 @@ def _prefill(x, weight, conv_states, batch: ForwardBatch, parts: list[int] | Non
     if B == 0 or max_n == 0:
         return result
     grid = (triton.cdiv(max_n, _BT), B, triton.cdiv(C, _BC))
+    cols = x if columns is None else columns  # never read without a column map
     _conv_kernel[grid](
         x,
-        columns,
+        cols,
         weight,
         conv_states,
         out,
@@ -174,6 +180,7 @@ def _prefill(x, weight, conv_states, batch: ForwardBatch, parts: list[int] | Non
         bounds[0],
         bounds[1],
         K=K,
+        HAS_COLS=columns is not None,
         BT=_BT,
         BC=_BC,
         num_warps=_WARPS,
@@ -199,7 +206,7 @@ def _prefill(x, weight, conv_states, batch: ForwardBatch, parts: list[int] | Non
     bc = 64
     _window_kernel[(len(seqs), triton.cdiv(C, bc))](
         x,
-        columns,
+        cols,
         conv_states,
         buf,
         host[0],
@@ -208,6 +215,7 @@ def _prefill(x, weight, conv_states, batch: ForwardBatch, parts: list[int] | Non
         x.stride(0),
         C,
         K=K,
+        HAS_COLS=columns is not None,
         BK=triton.next_power_of_2(K - 1),
         BC=bc,
     )
@@ -226,6 +234,7 @@ def _decode_kernel(
     stride_x,
     C,
     K: tl.constexpr,
+    HAS_COLS: tl.constexpr,
     BC: tl.constexpr,
 ):
     # One program: one sequence, BC channels. It loads its whole window before storing the shifted one, and no
@@ -235,7 +244,10 @@ def _decode_kernel(
     mc = c < C
     slot = tl.load(slot_ptr + b).to(tl.int64)
     p_s = state_ptr + (slot * C + c) * (K - 1)
-    xv = tl.load(x_ptr + b * stride_x + tl.load(col_ptr + c, mask=mc, other=0), mask=mc, other=0.0)
+    if HAS_COLS:
+        xv = tl.load(x_ptr + b * stride_x + tl.load(col_ptr + c, mask=mc, other=0), mask=mc, other=0.0)
+    else:
+        xv = tl.load(x_ptr + b * stride_x + c, mask=mc, other=0.0)
     acc = xv.to(tl.float32) * tl.load(w_ptr + c * K + (K - 1), mask=mc, other=0.0).to(tl.float32)
     for j in tl.static_range(K - 1):
         s = tl.load(p_s + j, mask=mc, other=0.0)
@@ -249,11 +261,23 @@ def _decode_kernel(
     tl.store(out_ptr + b * C + c, y.to(out_ptr.dtype.element_ty), mask=mc)
 
 
-def _decode(x, weight, conv_states, slots: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+def _decode(x, weight, conv_states, slots: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
     B, C = x.shape[0], weight.shape[0]
     K = weight.shape[1]
     out = torch.empty(B, C, dtype=x.dtype, device=x.device)
     if B:
         bc = 256
-        _decode_kernel[(B, triton.cdiv(C, bc))](x, columns, weight, conv_states, out, slots, x.stride(0), C, K=K, BC=bc)
+        _decode_kernel[(B, triton.cdiv(C, bc))](
+            x,
+            x if columns is None else columns,
+            weight,
+            conv_states,
+            out,
+            slots,
+            x.stride(0),
+            C,
+            K=K,
+            HAS_COLS=columns is not None,
+            BC=bc,
+        )
     return out
