@@ -161,8 +161,9 @@ def test_conv1d_split_parts(lens):
     whole = conv1d.causal_conv1d(wide[:, columns.long()].contiguous(), w, whole_pool, batch)
     out = conv1d.causal_conv1d(wide, w, pool, batch, parts, columns=columns)
     assert [o.shape[1] for o in out] == parts
-    assert torch.equal(torch.cat(out, dim=1), whole)
-    assert torch.equal(pool, whole_pool)
+    # Two compiled variants (column map or not): the compiler may contract multiply-adds differently.
+    assert rel_err(torch.cat(out, dim=1), whole) < 1e-6
+    assert torch.equal(pool, whole_pool), "windows are copies of inputs: they must match exactly"
     if len(lens) != lens.count(1):
         assert all(o.is_contiguous() for o in out)
 
