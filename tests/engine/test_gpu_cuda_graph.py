@@ -11,16 +11,10 @@ import pytest
 import torch
 
 from nextserve import LLM, SamplingParams
-from nextserve.engine.cuda_graph import DecodeGraphs, bucket_sizes
+from nextserve.engine.cuda_graph import DecodeGraphs
 from nextserve.forward_batch import ForwardBatch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-def test_bucket_sizes():
-    assert bucket_sizes(1) == [1]
-    assert bucket_sizes(20) == [1, 2, 4, 8, 16, 20]
-    assert bucket_sizes(64)[-3:] == [48, 56, 64]
 
 
 def _llm(path, **kw):

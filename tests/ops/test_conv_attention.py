@@ -21,6 +21,22 @@ def test_conv_split_into_steps_equals_one_pass():
     assert torch.allclose(states[2], x[-3:].t())
 
 
+def test_conv_parts_and_column_map_equal_the_plain_conv():
+    """parts split the output; columns read x[:, columns] (the model's projection, wider than the conv)."""
+    C, K, T, X = 6, 4, 9, 10
+    g = torch.Generator().manual_seed(2)
+    wide, w = torch.randn(T, X, generator=g), torch.randn(C, K, generator=g)
+    columns = torch.tensor([7, 0, 3, 9, 4, 1], dtype=torch.int32)
+    plain_states = torch.randn(3, C, K - 1, generator=g)
+    states = plain_states.clone()
+    batch = ForwardBatch.build([4, 5], [0, 3], [1, 2], [[1], [2]], 16)
+    plain = causal_conv1d(wide[:, columns.long()], w, plain_states, batch)
+    parts = causal_conv1d(wide, w, states, batch, [2, 1, 3], columns=columns)
+    assert [p.shape[1] for p in parts] == [2, 1, 3]
+    assert torch.equal(torch.cat(parts, dim=1), plain)
+    assert torch.equal(states, plain_states)
+
+
 def test_paged_attention_with_cached_prefix_matches_dense():
     Hq, Hkv, D, L, ps = 4, 2, 8, 13, 4
     g = torch.Generator().manual_seed(1)
