@@ -124,3 +124,46 @@ def test_silu_mul_and_combine_match_torch(dtype):
     ref = (y.float()[inverse].view(N, K, H) * w[..., None]).sum(1)
     out = moe.moe_triton.combine(y.to(DEVICE), inverse.to(DEVICE), w.to(DEVICE)).cpu().float()
     torch.testing.assert_close(out, ref, rtol=1e-2 if dtype == BF16 else 1e-6, atol=2e-2 if dtype == BF16 else 1e-5)
+
+
+# ---- timing: `python tests/ops/test_gpu_moe_gates.py` (device only) ----
+
+
+def _time_graph(fn, n: int = 50) -> float:
+    """Microseconds per call of fn replayed from a CUDA graph (launch overhead excluded, as in a decode step)."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def main() -> None:
+    """Routed experts at Qwen3-Next shapes (E=512, K=10, H=2048, I=512, bf16): Triton small-batch kernels against
+    the grouped GEMM, by batch size; GB/s counts the weights of the distinct experts hit."""
+    E, K, H, inter = 512, 10, 2048, 512
+    w13 = torch.randn(E, 2 * inter, H, device="cuda", dtype=BF16) * 0.02
+    w2 = torch.randn(E, H, inter, device="cuda", dtype=BF16) * 0.02
+    print(f"{torch.cuda.get_device_name()}\n{'N':>4} {'experts':>8} {'triton us':>10} {'grouped us':>11} {'GB/s':>6}")
+    for N in (1, 2, 4, 8, 16, 24, 32, 64):
+        x = torch.randn(N, H, device="cuda", dtype=BF16)
+        weights, ids = moe.route(torch.randn(N, E, device="cuda"), K, True)
+        weights = weights.to(BF16)
+        hit = ids.unique().numel()
+        args = (x, w13, w2, weights, ids)
+        t_triton = _time_graph(lambda a=args: moe.moe_triton.fused_experts(*a))
+        t_grouped = _time_graph(lambda a=args: moe.grouped_experts(*a))
+        print(f"{N:>4} {hit:>8} {t_triton:>10.1f} {t_grouped:>11.1f} {hit * 3 * H * inter * 2 / t_triton / 1e3:>6.0f}")
+
+
+if __name__ == "__main__":
+    main()
