@@ -81,11 +81,12 @@ def grouped_experts(
     sorted_ids, order = torch.sort(flat, stable=True)
     # offs[e] = pairs routed to experts 0..e (the end of expert e's rows), as the grouped GEMM wants.
     offs = torch.searchsorted(sorted_ids, torch.arange(E, device=ids.device, dtype=sorted_ids.dtype), right=True)
+    offs = offs.to(torch.int32)
     # w13 [E, 2I, H] viewed as [E, H, 2I] (column-major per expert: what the grouped GEMM wants), w2 likewise.
-    h = torch._grouped_mm(x[order // K], w13.transpose(1, 2), offs=offs.to(torch.int32))  # [N*K, 2I]
+    h = torch._grouped_mm(x[order // K], w13.transpose(1, 2), offs=offs)  # [N*K, 2I]
     fast = moe_triton is not None and x.is_cuda
     h = moe_triton.silu_mul(h) if fast else F.silu(h[:, :inter]) * h[:, inter:]
-    y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs.to(torch.int32))  # [N*K, H], sorted by expert
+    y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [N*K, H], sorted by expert
     # Back to (token, k) order with the inverse permutation: a gather and a sum, no atomics.
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=ids.device))
     if fast:
