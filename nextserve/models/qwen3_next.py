@@ -133,12 +133,12 @@ class Qwen3NextGatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T, hk, hv, dk, dv, r = x.shape[0], self.hk, self.hv, self.dk, self.dv, self.r
         qkvz = self.in_proj_qkvz(x)  # [T, Hk * (2 dk + 2 r dv)]
-        z = qkvz.view(T, hk, 2 * dk + 2 * r * dv)[..., 2 * dk + r * dv :].reshape(T, hv, dv)
+        groups = qkvz.view(T, hk, -1).split([dk, dk, r * dv, r * dv], dim=-1)  # q, k, v, z per key head
+        z = groups[3].reshape(T, hv, dv)
         parts = [hk * dk, hk * dk, hv * dv]
         if batch.is_decode:  # a token per sequence: the conv reads the projection in place (one launch fewer)
             mixed, columns = qkvz, self.conv_columns
         else:  # a contiguous [q | k | v] copy keeps the prefill conv's loads vectorised (gathers are ~4x slower)
-            groups = qkvz.view(T, hk, -1).split([dk, dk, r * dv, r * dv], dim=-1)
             mixed, columns = torch.cat([p.reshape(T, -1) for p in groups[:3]], dim=-1), None
         q, k, v = causal_conv1d(mixed, self.conv1d.weight[:, 0, :], self.conv_state, batch, parts, columns=columns)
         q, k, v = q.view(T, hk, dk), k.view(T, hk, dk), v.view(T, hv, dv)
