@@ -11,6 +11,8 @@ dk/dv their head dims, r = Hv/Hk, E experts, I expert intermediate size. Sizes n
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +24,14 @@ from nextserve.model_config import ModelConfig
 from nextserve.ops.attention import paged_attention
 from nextserve.ops.conv1d import causal_conv1d
 from nextserve.ops.gdn import gated_delta_rule, gdn_gates
-from nextserve.ops.moe import fused_experts, route, small_batch_fused, small_batch_moe
+from nextserve.ops.moe import (
+    fused_experts,
+    large_batch_fused,
+    large_batch_moe,
+    route,
+    small_batch_fused,
+    small_batch_moe,
+)
 from nextserve.ops.norm import add_rms_norm, gated_rms_norm, rms_norm
 from nextserve.parallel import Communicator, ParallelContext
 
@@ -77,8 +86,7 @@ class Qwen3NextAttention(nn.Module):
         k = apply_rotary(self.k_norm(self.k_proj(x).view(T, self.num_kv_heads, D)), cos, sin)
         v = self.v_proj(x).view(T, self.num_kv_heads, D)
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale)  # [T, Hq, D]
-        o = o.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
-        return self.o_proj(o)
+        return self.o_proj((o * torch.sigmoid(gate)).reshape(T, -1))  # gate is a strided view: no reshape copy
 
 
 def _kv_head_of_rank(ctx: ParallelContext, kv_heads: int, head_dim: int):
@@ -129,23 +137,29 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         j = torch.arange(self.hk)[:, None] * (2 * dk + 2 * rdv)  # first column of each key head's group
         cols = [j + torch.arange(dk), j + dk + torch.arange(dk), j + 2 * dk + torch.arange(rdv)]
         self.register_buffer("conv_columns", torch.cat([c.flatten() for c in cols]).int(), persistent=False)
+        # The map is contiguous in runs of gcd(dk, r dv) channels starting at multiples of 16 when both sizes are:
+        # the CUDA prefill conv then loads runs instead of gathering.
+        self.conv_column_run = math.gcd(dk, rdv) if dk % 16 == 0 and rdv % 16 == 0 else None
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T, hk, hv, dk, dv, r = x.shape[0], self.hk, self.hv, self.dk, self.dv, self.r
         qkvz = self.in_proj_qkvz(x)  # [T, Hk * (2 dk + 2 r dv)]
         groups = qkvz.view(T, hk, -1).split([dk, dk, r * dv, r * dv], dim=-1)  # q, k, v, z per key head
-        z = groups[3].reshape(T, hv, dv)
+        z = groups[3].view(T, hk, r, dv)  # a strided view: the gated norm reads it in place
         parts = [hk * dk, hk * dk, hv * dv]
-        if batch.is_decode:  # a token per sequence: the conv reads the projection in place (one launch fewer)
+        run = self.conv_column_run
+        if batch.is_decode or (run is not None and x.is_cuda):  # the conv reads the projection in place
             mixed, columns = qkvz, self.conv_columns
         else:  # a contiguous [q | k | v] copy keeps the prefill conv's loads vectorised (gathers are ~4x slower)
             mixed, columns = torch.cat([p.reshape(T, -1) for p in groups[:3]], dim=-1), None
-        q, k, v = causal_conv1d(mixed, self.conv1d.weight[:, 0, :], self.conv_state, batch, parts, columns=columns)
+        q, k, v = causal_conv1d(
+            mixed, self.conv1d.weight[:, 0, :], self.conv_state, batch, parts, columns=columns, column_run=run
+        )
         q, k, v = q.view(T, hk, dk), k.view(T, hk, dk), v.view(T, hv, dv)
         # beta = sigmoid(b), log decay g = -exp(A_log) softplus(a + dt_bias) <= 0 (fp32), from [b | a] per key head.
         g, beta = gdn_gates(self.in_proj_ba(x).view(T, hk, 2 * r), self.A_log, self.dt_bias)
         o = gated_delta_rule(q, k, v, g, beta, self.ssm_state, batch)  # [T, Hv, dv]
-        o = gated_rms_norm(o, z, self.norm.weight, self.eps)
+        o = gated_rms_norm(o.view(T, hk, r, dv), z, self.norm.weight, self.eps)
         return self.out_proj(o.reshape(T, hv * dv))
 
 
@@ -187,19 +201,14 @@ class Qwen3NextSparseMoeBlock(nn.Module):
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        se = self.shared_expert
-        if small_batch_fused(x) and se.down_proj.weight.shape[1] == self.experts.down_proj.shape[2]:
+        se, w13, w2 = self.shared_expert, self.experts.gate_up_proj, self.experts.down_proj
+        shared = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight)
+        if small_batch_fused(x) and se.down_proj.weight.shape[1] == w2.shape[2]:
             # Decode: router, shared gate, routed and shared experts in four launches (ops/moe_triton.py).
-            shared = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight)
-            out = small_batch_moe(
-                x,
-                self._router_weight(),
-                self.experts.gate_up_proj,
-                self.experts.down_proj,
-                shared,
-                self.top_k,
-                self.renormalize,
-            )
+            out = small_batch_moe(x, self._router_weight(), w13, w2, shared, self.top_k, self.renormalize)
+            return self.comm.all_reduce(out)
+        if large_batch_fused(x, w2):  # prefill on CUDA: thirteen launches (ops/moe.py, ops/moe_grouped_triton.py)
+            out = large_batch_moe(x, self._router_weight(), w13, w2, shared, self.top_k, self.renormalize)
             return self.comm.all_reduce(out)
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
         routed = fused_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights.to(x.dtype), ids)
@@ -208,12 +217,15 @@ class Qwen3NextSparseMoeBlock(nn.Module):
         return self.comm.all_reduce(routed + shared)
 
     def _router_weight(self) -> torch.Tensor:
-        """[E+1, H]: the router's rows, then the shared expert gate's row (one GEMV for both). Rebuilt whenever
-        either weight changes (loading writes them in place, which bumps their versions)."""
+        """[E+1+pad, H]: the router's rows, the shared expert gate's row (one GEMM for both), then zero rows up to a
+        multiple of 8: with E+1 = 513 output columns cuBLAS falls back to an unaligned kernel, 250 us instead of a
+        few at 8K tokens. The routing kernel reads the first E+1 columns. Rebuilt whenever either weight changes
+        (loading writes them in place, which bumps their versions)."""
         a, b = self.gate.weight, self.shared_expert_gate.weight
         key = (a.data_ptr(), a._version, b.data_ptr(), b._version)
         if getattr(self, "_router_key", None) != key:
-            self._router_cat = torch.cat([a, b])
+            pad = -(a.shape[0] + 1) % 8
+            self._router_cat = torch.cat([a, b, a.new_zeros(pad, a.shape[1])])
             self._router_key = key
         return self._router_cat
 

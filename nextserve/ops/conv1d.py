@@ -31,13 +31,16 @@ def causal_conv1d(
     batch: ForwardBatch,
     parts: list[int] | None = None,
     columns: torch.Tensor | None = None,
+    column_run: int | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
     """With `parts` (channel counts summing to C): one [T, part] output per part instead of [T, C]. The CUDA
     prefill path writes each part contiguously (what the chunked GDN kernel wants: no copies); elsewhere they are
     views. With `columns` [C] (int): channel c reads x[:, columns[c]] (x may be wider than C), as if
-    x[:, columns] were passed, without that copy on CUDA."""
+    x[:, columns] were passed, without that copy on CUDA. column_run: a promise that the map is contiguous in
+    aligned runs of that many channels, each starting at a column that is a multiple of 16 (the CUDA prefill then
+    loads whole runs instead of gathering)."""
     if x.is_cuda and conv1d_triton is not None:
-        return conv1d_triton.causal_conv1d(x, weight, conv_states, batch, parts, columns)
+        return conv1d_triton.causal_conv1d(x, weight, conv_states, batch, parts, columns, column_run)
     if columns is not None:
         x = x[:, columns.long()]
     out = _causal_conv1d(x, weight, conv_states, batch)

@@ -27,8 +27,9 @@ def causal_conv1d(
     batch: ForwardBatch,
     parts: list[int] | None = None,
     columns: torch.Tensor | None = None,
+    column_run: int | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
-    """Same contract as `nextserve.ops.conv1d.causal_conv1d`, on CUDA tensors."""
+    """Same contract as `nextserve.ops.conv1d.causal_conv1d`, on CUDA tensors. column_run: see there."""
     assert conv_states.is_contiguous(), "the slot pool is indexed by raw offsets"
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight.contiguous()
@@ -39,7 +40,7 @@ def causal_conv1d(
             dst = batch.to_device(torch.tensor([d for _, _, d in batch.snapshots]))
             conv_states.index_copy_(0, dst, conv_states.index_select(0, src))
         return y if parts is None else list(y.split(parts, dim=-1))  # decode kernels read strided rows
-    return _prefill(x, weight, conv_states, batch, parts, columns)
+    return _prefill(x, weight, conv_states, batch, parts, columns, column_run)
 
 
 @triton.jit
@@ -58,6 +59,7 @@ def _conv_kernel(
     P2,
     K: tl.constexpr,
     HAS_COLS: tl.constexpr,
+    COL_RUNS: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
 ):
@@ -73,10 +75,12 @@ def _conv_kernel(
     c = i_c * BC + tl.arange(0, BC)
     mt = t < n
     mc = c < C
-    if HAS_COLS:
-        xc = tl.load(col_ptr + c, mask=mc, other=0)  # the column of x feeding each channel
+    if COL_RUNS:  # the map is contiguous over each tile (runs of BC from 16-aligned starts): vectorised loads
+        xc = tl.multiple_of(tl.load(col_ptr + i_c * BC), 16) + tl.arange(0, BC)
+    elif HAS_COLS:
+        xc = tl.load(col_ptr + c, mask=mc, other=0)  # the column of x feeding each channel: gathers
     else:
-        xc = c  # known contiguous: the loads vectorise (a column map makes them gathers)
+        xc = c  # known contiguous: the loads vectorise
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for j in tl.static_range(K):
         # Tap j reads input t + j - (K-1); inputs before the chunk (index < 0) come from the window below.
@@ -143,7 +147,7 @@ def _window_kernel(
     )
 
 
-def _prefill(x, weight, conv_states, batch: ForwardBatch, parts: list[int] | None, columns) -> torch.Tensor | list:
+def _prefill(x, weight, conv_states, batch: ForwardBatch, parts, columns, column_run) -> torch.Tensor | list:
     T, C = x.shape[0], weight.shape[0]
     K = weight.shape[1]
     dev = x.device
@@ -181,6 +185,7 @@ def _prefill(x, weight, conv_states, batch: ForwardBatch, parts: list[int] | Non
         bounds[1],
         K=K,
         HAS_COLS=columns is not None,
+        COL_RUNS=columns is not None and column_run is not None and column_run % _BC == 0 and C % _BC == 0,
         BT=_BT,
         BC=_BC,
         num_warps=_WARPS,

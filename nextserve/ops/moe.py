@@ -9,14 +9,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:  # Triton small-batch path (decode); absent on CPU-only installs.
-    from nextserve.ops import moe_triton
+try:  # Triton kernels (decode and prefill paths); absent on CPU-only installs.
+    from nextserve.ops import moe_grouped_triton, moe_triton
 except ImportError:
-    moe_triton = None
+    moe_grouped_triton = moe_triton = None
 
 # Up to this many tokens the Triton GEMV kernels beat the grouped GEMM's sort-gather-scatter (decode batches; H100
 # at Qwen3-Next shapes: 33 vs 93 us at 1 token, 300 vs 420 us at 16, the grouped GEMM ahead from about 48).
 SMALL_BATCH_MAX = 32
+# Larger batches on CUDA: "triton" (moe_grouped_triton: gather, SiLU-mul and (token, k) order fused into two
+# kernels) or "grouped_mm" (torch._grouped_mm on gathered inputs).
+LARGE_BATCH_KERNEL = "triton"
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,9 +45,44 @@ def fused_experts(
     """
     if x.is_cuda and moe_triton is not None and x.shape[0] <= SMALL_BATCH_MAX:
         return moe_triton.fused_experts(x, w13, w2, weights, ids)
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm"):
-        return grouped_experts(x, w13, w2, weights, ids)
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        if LARGE_BATCH_KERNEL == "triton" and moe_grouped_triton and moe_grouped_triton.supports(*w2.shape[1:]):
+            return moe_grouped_triton.grouped_experts(x, w13, w2, weights, ids)
+        if hasattr(torch, "_grouped_mm"):
+            return grouped_experts(x, w13, w2, weights, ids)
     return experts_reference(x, w13, w2, weights, ids)
+
+
+def large_batch_fused(x: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether `large_batch_moe` serves x: more than SMALL_BATCH_MAX tokens on CUDA in bf16/fp16, with the
+    Triton grouped kernels selected and their tiles dividing the expert sizes."""
+    return (
+        x.is_cuda
+        and moe_grouped_triton is not None
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.shape[0] > SMALL_BATCH_MAX
+        and LARGE_BATCH_KERNEL == "triton"
+        and moe_grouped_triton.supports(*w2.shape[1:])
+    )
+
+
+def large_batch_moe(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    top_k: int,
+    renormalize: bool,
+) -> torch.Tensor:
+    """The whole sparse MoE block for prefill-sized batches: one GEMM for the router and the shared gate, the
+    routing kernel, the shared expert (gate and up GEMMs, SiLU·mul, down GEMM), and the routed experts as two
+    grouped kernels whose combine also adds the gated shared output. Thirteen launches, no host sync."""
+    gate_w, up_w, down_w = shared
+    logits = F.linear(x, router_weight)
+    weights, ids, gate = moe_triton.route(logits, top_k, renormalize, num_experts=w13.shape[0])
+    s = F.linear(moe_triton.silu_mul(F.linear(x, gate_w), F.linear(x, up_w)), down_w)
+    return moe_grouped_triton.grouped_experts(x, w13, w2, weights, ids, shared=(s, gate))
 
 
 def small_batch_fused(x: torch.Tensor) -> bool:
@@ -62,10 +100,11 @@ def small_batch_moe(
     renormalize: bool,
 ) -> torch.Tensor:
     """The whole sparse MoE block for a few tokens in four launches: one GEMV for the router logits and the shared
-    expert's gate logit together (router_weight [E+1, H], the gate's row last), the routing kernel, and the two
-    expert kernels with the shared expert (gate_proj, up_proj, down_proj) as one more slot per token."""
+    expert's gate logit together (router_weight [E+1+pad, H]: the gate's row at E, zero rows after), the routing
+    kernel, and the two expert kernels with the shared expert (gate_proj, up_proj, down_proj) as one more slot per
+    token."""
     logits = F.linear(x, router_weight)
-    weights, ids, gate = moe_triton.route(logits, top_k, renormalize, num_experts=router_weight.shape[0] - 1)
+    weights, ids, gate = moe_triton.route(logits, top_k, renormalize, num_experts=w13.shape[0])
     return moe_triton.fused_experts(x, w13, w2, weights, ids, shared=(*shared, gate))
 
 

@@ -266,50 +266,67 @@ def fused_experts(
 
 
 @triton.jit
-def _silu_mul_kernel(h_ptr, out_ptr, I, BLOCK: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, I, stride_g, stride_u, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < I
-    g = tl.load(h_ptr + row * 2 * I + cols, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(h_ptr + row * 2 * I + I + cols, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=m, other=0.0).to(tl.float32)
     # torch rounds SiLU(g) to the model dtype before the product
     a = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * I + cols, (a * u).to(out_ptr.dtype.element_ty), mask=m)
 
 
-def silu_mul(h: torch.Tensor) -> torch.Tensor:
-    """[M, 2I] (gate | up) -> SiLU(gate) * up, [M, I], in one pass."""
-    M, I2 = h.shape
-    h = h.contiguous()
-    out = torch.empty(M, I2 // 2, dtype=h.dtype, device=h.device)
+def silu_mul(h: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(gate) * up in one pass: h [M, 2I] holding (gate | up), or gate h [M, I] and up [M, I] apart."""
+    gate, up = (h[:, : h.shape[1] // 2], h[:, h.shape[1] // 2 :]) if up is None else (h, up)
+    gate, up = (t if t.stride(-1) == 1 else t.contiguous() for t in (gate, up))
+    M, I = gate.shape
+    out = torch.empty(M, I, dtype=gate.dtype, device=gate.device)
     if M:
-        block = min(1024, triton.next_power_of_2(I2 // 2))
-        _silu_mul_kernel[(M, triton.cdiv(I2 // 2, block))](h, out, I2 // 2, BLOCK=block)
+        block = min(1024, triton.next_power_of_2(I))
+        _silu_mul_kernel[(M, triton.cdiv(I, block))](gate, up, out, I, gate.stride(0), up.stride(0), BLOCK=block)
     return out
 
 
 @triton.jit
-def _combine_kernel(y_ptr, inv_ptr, w_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr):
+def _combine_kernel(
+    y_ptr, inv_ptr, w_ptr, s_ptr, sg_ptr, out_ptr, H,
+    K: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr, SHARED: tl.constexpr,
+):  # fmt: skip
     n = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < H
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for k in tl.static_range(K):
-        row = tl.load(inv_ptr + n * K + k).to(tl.int64)
+        if GATHER:
+            row = tl.load(inv_ptr + n * K + k).to(tl.int64)
+        else:
+            row = n.to(tl.int64) * K + k
         wt = tl.load(w_ptr + n * K + k).to(tl.float32)
         acc += wt * tl.load(y_ptr + row * H + cols, mask=m, other=0.0).to(tl.float32)
+    if SHARED:  # + gate[n] * shared[n]
+        acc += tl.load(sg_ptr + n).to(tl.float32) * tl.load(s_ptr + n * H + cols, mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + n * H + cols, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def combine(y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def combine(
+    y: torch.Tensor,
+    inverse: torch.Tensor | None,
+    weights: torch.Tensor,
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """out[n] = sum_k weights[n, k] * y[inverse[n*K + k]]: each token's K expert outputs (rows of y, which is
-    sorted by expert) gathered, weighted and summed in fp32 in one pass. y [N*K, H]; weights [N, K]."""
+    sorted by expert) gathered, weighted and summed in fp32 in one pass. y [N*K, H]; weights [N, K].
+    inverse None: y is already in (token, k) order. shared (s [N, H], gate [N]): adds gate[n] * s[n]."""
     N, K = weights.shape
     H = y.shape[1]
     out = torch.empty(N, H, dtype=y.dtype, device=y.device)
+    s, sg = (y, weights) if shared is None else (shared[0].contiguous(), shared[1].contiguous())
     if N:
         block = min(1024, triton.next_power_of_2(H))
         _combine_kernel[(N, triton.cdiv(H, block))](
-            y.contiguous(), inverse.contiguous(), weights.contiguous(), out, H, K=K, BLOCK=block
-        )
+            y.contiguous(), y if inverse is None else inverse.contiguous(), weights.contiguous(), s, sg, out, H,
+            K=K, BLOCK=block, GATHER=inverse is not None, SHARED=shared is not None,
+        )  # fmt: skip
     return out

@@ -137,7 +137,11 @@ def _gated_rms_norm_kernel(
     N,
     D,
     stride_x,
-    stride_z,
+    Z1,
+    Z2,
+    z_st0,
+    z_st1,
+    z_st2,
     eps,
     ROUND_PROD: tl.constexpr,
     ROWS: tl.constexpr,
@@ -154,7 +158,9 @@ def _gated_rms_norm_kernel(
     p = n * w[None, :]
     if ROUND_PROD:  # torch's `w * n` gives a 16-bit result when both are that dtype
         p = p.to(y_ptr.dtype.element_ty).to(tl.float32)
-    z = tl.load(z_ptr + row[:, None] * stride_z + col[None, :], mask=m, other=0.0).to(tl.float32)
+    # z's rows sit at three strides (leading dims [Z0, Z1, Z2]): a strided view is read in place
+    z_row = (row // (Z1 * Z2)) * z_st0 + ((row // Z2) % Z1) * z_st1 + (row % Z2) * z_st2
+    z = tl.load(z_ptr + z_row[:, None] + col[None, :], mask=m, other=0.0).to(tl.float32)
     y = p * (z / (1.0 + tl.exp(-z)))  # SiLU(z) in fp32
     tl.store(y_ptr + row[:, None] * D + col[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
 
@@ -162,7 +168,12 @@ def _gated_rms_norm_kernel(
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Same contract as `nextserve.ops.norm.gated_rms_norm`: x, z [..., dv], weight [dv]; x's dtype out."""
     assert x.shape == z.shape, "checked by the caller"
-    x2, z2 = _rows(x), _rows(z)
+    x2 = _rows(x)
+    z3 = z if z.stride(-1) == 1 else z.contiguous()
+    if z3.dim() > 4:
+        z3 = z3.reshape(-1, *z3.shape[-3:])
+    while z3.dim() < 4:
+        z3 = z3.unsqueeze(0)
     N, D = x2.shape
     weight = _check_weight(weight, D)
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
@@ -172,13 +183,15 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
         prod = torch.promote_types(weight.dtype, x.dtype)
         _gated_rms_norm_kernel[(triton.cdiv(N, rows),)](
             x2,
-            z2,
+            z3,
             weight,
             y,
             N,
             D,
             x2.stride(0),
-            z2.stride(0),
+            z3.shape[1],
+            z3.shape[2],
+            *z3.stride()[:3],
             eps,
             ROUND_PROD=prod == x.dtype and x.dtype != torch.float32,
             ROWS=rows,

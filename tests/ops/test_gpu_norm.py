@@ -176,6 +176,22 @@ def test_gated_rms_norm_strided_z(dtype):
 
 @pytest.mark.gpu
 @needs_kernels
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_gated_rms_norm_z_in_projection_layout(dtype):
+    """The GDN's z as the model passes it: [T, Hk, r, dv] inside the [q | k | v | z] per-key-head projection rows
+    (no single row stride), read in place."""
+    T, hk, r, dv, dk = 9, 3, 2, 64, 32
+    proj = rows(T, hk, 2 * dk + 2 * r * dv, dtype=dtype, seed=12)
+    z = proj[..., 2 * dk + r * dv :].view(T, hk, r, dv)
+    x = rows(T, hk * r, dv, dtype=dtype, seed=13).view(T, hk, r, dv)
+    w = weight(dv, dtype, seed=14, center=1.0)
+    out = kernels.gated_rms_norm(x, z, w, EPS)
+    assert out.shape == x.shape
+    assert_matches(out, norm.gated_rms_norm(cpu(x), cpu(z), cpu(w), EPS), steps=2)
+
+
+@pytest.mark.gpu
+@needs_kernels
 def test_gated_rms_norm_mixed_weight_dtype():
     """An fp32 weight on bf16 activations: torch promotes w * n to fp32, so the kernel must not round it."""
     x, z = rows(7, 2, 128, dtype=BF16, seed=11), rows(7, 2, 128, dtype=BF16, seed=12)

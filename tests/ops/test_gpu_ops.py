@@ -168,6 +168,28 @@ def test_conv1d_split_parts(lens):
         assert all(o.is_contiguous() for o in out)
 
 
+@pytest.mark.parametrize("lens", [LENS, [1] * 5], ids=["prefill", "decode"])
+def test_conv1d_column_runs(lens):
+    """The GDN's projection layout: per key head [q | k | v | z] columns, conv channels [q | k | v], the map in
+    runs of 128 columns from 16-aligned starts (column_run): the same values as on the gathered copy."""
+    hk, dk, rdv = 2, 128, 256
+    parts = [hk * dk, hk * dk, hk * rdv]
+    C, K, S = sum(parts), 4, 40
+    j = torch.arange(hk)[:, None] * (2 * dk + 2 * rdv)
+    cols = [j + torch.arange(dk), j + dk + torch.arange(dk), j + 2 * dk + torch.arange(rdv)]
+    columns = torch.cat([c.flatten() for c in cols]).int().cuda()
+    batch = make_batch(lens, S, 2, 9, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(10)
+    proj = torch.randn(sum(lens), hk * (2 * dk + 2 * rdv), device="cuda", generator=g)
+    w = torch.randn(C, K, device="cuda", generator=g)
+    pool = torch.randn(S, C, K - 1, device="cuda", generator=g)
+    whole_pool = pool.clone()
+    whole = conv1d.causal_conv1d(proj[:, columns.long()].contiguous(), w, whole_pool, batch)
+    out = conv1d.causal_conv1d(proj, w, pool, batch, parts, columns=columns, column_run=128)
+    assert rel_err(torch.cat(out, dim=1), whole) < 1e-6
+    assert torch.equal(pool, whole_pool)
+
+
 def test_conv1d_strided_input():
     """The model hands the conv a column slice of a wider activation (last dim unit-stride, rows strided)."""
     C, K, S = 256, 4, 10
