@@ -76,12 +76,14 @@ def test_grouped_experts_match_reference(N, K, E, H, inter, block_m, dtype):
     assert torch.equal(out, moe.moe_grouped_triton.grouped_experts(*args, **tiles))
 
 
-@pytest.mark.parametrize("N", [33, 120])
-def test_large_batch_moe_block_with_shared_expert(N):
+@pytest.mark.parametrize(
+    "N,E,K,H,inter,s_inter", [(33, 24, 4, 64, 32, 48), (120, 24, 4, 64, 32, 48), (370, 8, 2, 32, 16, 24)]
+)
+def test_large_batch_moe_block_with_shared_expert(N, E, K, H, inter, s_inter):
     """The large-batch block (router + shared gate GEMM, routing, shared MLP, grouped experts, combine with the
-    gated shared output) against the torch block, and against the module's own generic path."""
+    gated shared output) against the torch block, with the default tiles clamped to small sizes (the last case is
+    the engine tests' tiny model)."""
     g = _gen(N)
-    E, K, H, inter, s_inter = 24, 4, 64, 32, 48
     x = torch.randn(N, H, generator=g).to(BF16)
     router = (torch.randn(E, H, generator=g) / H**0.5).to(BF16)
     shared_gate = (torch.randn(1, H, generator=g) / H**0.5).to(BF16)
