@@ -24,14 +24,7 @@ from nextserve.model_config import ModelConfig
 from nextserve.ops.attention import paged_attention
 from nextserve.ops.conv1d import causal_conv1d
 from nextserve.ops.gdn import gated_delta_rule, gdn_gates
-from nextserve.ops.moe import (
-    fused_experts,
-    large_batch_fused,
-    large_batch_moe,
-    route,
-    small_batch_fused,
-    small_batch_moe,
-)
+from nextserve.ops.moe import fused_block, fused_experts, moe_block, route
 from nextserve.ops.norm import add_rms_norm, gated_rms_norm, rms_norm
 from nextserve.parallel import Communicator, ParallelContext
 
@@ -132,7 +125,7 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         self.ssm_state: torch.Tensor | None = None  # [slots, Hv, dk, dv]
         # Conv channels run in [q | k | v] order, key-head-major then value-head-major; the projection's columns are
         # grouped [q | k | v | z] per key head. conv_columns[c] is the projection column feeding channel c, so the
-        # decode conv reads the projection output in place (no concatenated copy).
+        # conv reads the projection output in place (no concatenated copy).
         dk, rdv = self.dk, self.r * self.dv
         j = torch.arange(self.hk)[:, None] * (2 * dk + 2 * rdv)  # first column of each key head's group
         cols = [j + torch.arange(dk), j + dk + torch.arange(dk), j + 2 * dk + torch.arange(rdv)]
@@ -147,14 +140,8 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         groups = qkvz.view(T, hk, -1).split([dk, dk, r * dv, r * dv], dim=-1)  # q, k, v, z per key head
         z = groups[3].view(T, hk, r, dv)  # a strided view: the gated norm reads it in place
         parts = [hk * dk, hk * dk, hv * dv]
-        run = self.conv_column_run
-        if batch.is_decode or (run is not None and x.is_cuda):  # the conv reads the projection in place
-            mixed, columns = qkvz, self.conv_columns
-        else:  # a contiguous [q | k | v] copy keeps the prefill conv's loads vectorised (gathers are ~4x slower)
-            mixed, columns = torch.cat([p.reshape(T, -1) for p in groups[:3]], dim=-1), None
-        q, k, v = causal_conv1d(
-            mixed, self.conv1d.weight[:, 0, :], self.conv_state, batch, parts, columns=columns, column_run=run
-        )
+        w, run = self.conv1d.weight[:, 0, :], self.conv_column_run
+        q, k, v = causal_conv1d(qkvz, w, self.conv_state, batch, parts, columns=self.conv_columns, column_run=run)
         q, k, v = q.view(T, hk, dk), k.view(T, hk, dk), v.view(T, hv, dv)
         # beta = sigmoid(b), log decay g = -exp(A_log) softplus(a + dt_bias) <= 0 (fp32), from [b | a] per key head.
         g, beta = gdn_gates(self.in_proj_ba(x).view(T, hk, 2 * r), self.A_log, self.dt_bias)
@@ -202,13 +189,10 @@ class Qwen3NextSparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         se, w13, w2 = self.shared_expert, self.experts.gate_up_proj, self.experts.down_proj
-        shared = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight)
-        if small_batch_fused(x) and se.down_proj.weight.shape[1] == w2.shape[2]:
-            # Decode: router, shared gate, routed and shared experts in four launches (ops/moe_triton.py).
-            out = small_batch_moe(x, self._router_weight(), w13, w2, shared, self.top_k, self.renormalize)
-            return self.comm.all_reduce(out)
-        if large_batch_fused(x, w2):  # prefill on CUDA: thirteen launches (ops/moe.py, ops/moe_grouped_triton.py)
-            out = large_batch_moe(x, self._router_weight(), w13, w2, shared, self.top_k, self.renormalize)
+        if fused_block(x, w2, se.down_proj.weight):
+            # CUDA: router, shared gate, routed and shared experts in a few Triton launches (ops/moe.py).
+            shared = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight)
+            out = moe_block(x, self._router_weight(), w13, w2, shared, self.top_k, self.renormalize)
             return self.comm.all_reduce(out)
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
         routed = fused_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights.to(x.dtype), ids)

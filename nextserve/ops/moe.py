@@ -46,27 +46,30 @@ def fused_experts(
     if x.is_cuda and moe_triton is not None and x.shape[0] <= SMALL_BATCH_MAX:
         return moe_triton.fused_experts(x, w13, w2, weights, ids)
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        if LARGE_BATCH_KERNEL == "triton" and moe_grouped_triton and moe_grouped_triton.supports(*w2.shape[1:]):
+        if _grouped_triton(w2):
             return moe_grouped_triton.grouped_experts(x, w13, w2, weights, ids)
         if hasattr(torch, "_grouped_mm"):
             return grouped_experts(x, w13, w2, weights, ids)
     return experts_reference(x, w13, w2, weights, ids)
 
 
-def large_batch_fused(x: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether `large_batch_moe` serves x: more than SMALL_BATCH_MAX tokens on CUDA in bf16/fp16, with the
-    Triton grouped kernels selected and their tiles dividing the expert sizes."""
-    return (
-        x.is_cuda
-        and moe_grouped_triton is not None
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and x.shape[0] > SMALL_BATCH_MAX
-        and LARGE_BATCH_KERNEL == "triton"
-        and moe_grouped_triton.supports(*w2.shape[1:])
-    )
+def _grouped_triton(w2: torch.Tensor) -> bool:
+    """Whether larger batches go to the Triton grouped kernels: selected, and their tiles divide the expert sizes."""
+    grouped = moe_grouped_triton
+    return LARGE_BATCH_KERNEL == "triton" and grouped is not None and grouped.supports(*w2.shape[1:])
 
 
-def large_batch_moe(
+def fused_block(x: torch.Tensor, w2: torch.Tensor, shared_down: torch.Tensor) -> bool:
+    """Whether `moe_block` serves x. Up to SMALL_BATCH_MAX tokens on CUDA: when the shared expert is as wide as a
+    routed one (it rides along as one more slot). Larger batches: bf16/fp16 with the Triton grouped kernels."""
+    if not x.is_cuda or moe_triton is None:
+        return False
+    if x.shape[0] <= SMALL_BATCH_MAX:
+        return shared_down.shape[1] == w2.shape[2]
+    return x.dtype in (torch.bfloat16, torch.float16) and _grouped_triton(w2)
+
+
+def moe_block(
     x: torch.Tensor,
     router_weight: torch.Tensor,
     w13: torch.Tensor,
@@ -75,37 +78,19 @@ def large_batch_moe(
     top_k: int,
     renormalize: bool,
 ) -> torch.Tensor:
-    """The whole sparse MoE block for prefill-sized batches: one GEMM for the router and the shared gate, the
-    routing kernel, the shared expert (gate and up GEMMs, SiLU·mul, down GEMM), and the routed experts as two
-    grouped kernels whose combine also adds the gated shared output. Thirteen launches, no host sync."""
-    gate_w, up_w, down_w = shared
+    """The whole sparse MoE block on CUDA (where `fused_block` says so), without host syncs. One GEMM gives the
+    router logits and the shared expert's gate logit together (router_weight [E+1+pad, H]: the gate's row at E,
+    zero rows after), then the routing kernel. Then, for up to SMALL_BATCH_MAX tokens, two expert GEMV kernels in
+    which the shared expert (gate_proj, up_proj, down_proj) is one more slot per token: four launches in all. For
+    larger batches, the shared MLP (gate and up GEMMs, SiLU·mul, down GEMM) and the two grouped kernels, whose
+    combine also adds the gated shared output: thirteen launches."""
     logits = F.linear(x, router_weight)
     weights, ids, gate = moe_triton.route(logits, top_k, renormalize, num_experts=w13.shape[0])
+    if x.shape[0] <= SMALL_BATCH_MAX:
+        return moe_triton.fused_experts(x, w13, w2, weights, ids, shared=(*shared, gate))
+    gate_w, up_w, down_w = shared
     s = F.linear(moe_triton.silu_mul(F.linear(x, gate_w), F.linear(x, up_w)), down_w)
     return moe_grouped_triton.grouped_experts(x, w13, w2, weights, ids, shared=(s, gate))
-
-
-def small_batch_fused(x: torch.Tensor) -> bool:
-    """Whether `small_batch_moe` serves x: a few tokens on CUDA with Triton."""
-    return x.is_cuda and moe_triton is not None and x.shape[0] <= SMALL_BATCH_MAX
-
-
-def small_batch_moe(
-    x: torch.Tensor,
-    router_weight: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    top_k: int,
-    renormalize: bool,
-) -> torch.Tensor:
-    """The whole sparse MoE block for a few tokens in four launches: one GEMV for the router logits and the shared
-    expert's gate logit together (router_weight [E+1+pad, H]: the gate's row at E, zero rows after), the routing
-    kernel, and the two expert kernels with the shared expert (gate_proj, up_proj, down_proj) as one more slot per
-    token."""
-    logits = F.linear(x, router_weight)
-    weights, ids, gate = moe_triton.route(logits, top_k, renormalize, num_experts=w13.shape[0])
-    return moe_triton.fused_experts(x, w13, w2, weights, ids, shared=(*shared, gate))
 
 
 def grouped_experts(

@@ -105,7 +105,7 @@ def test_small_batch_moe_block_with_shared_expert(N, dtype, tol):
     ref = moe.experts_reference(f(x), f(w13), f(w2), weights, ids) + shared
 
     dev = [t.to(DEVICE) for t in (x, torch.cat([router, shared_gate]), w13, w2, sg, su, sd)]
-    out = moe.small_batch_moe(dev[0], dev[1], dev[2], dev[3], tuple(dev[4:]), K, True).cpu().float()
+    out = moe.moe_block(dev[0], dev[1], dev[2], dev[3], tuple(dev[4:]), K, True).cpu().float()
     assert (out - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
 
 

@@ -101,8 +101,8 @@ def test_large_batch_moe_block_with_shared_expert(N, E, K, H, inter, s_inter):
     shared = gate[:, None] * ((F.silu(f(x) @ f(sg).T) * (f(x) @ f(su).T)) @ f(sd).T)
     ref = moe.experts_reference(f(x), f(w13), f(w2), weights, ids) + shared
     if DEVICE == "cuda":
-        assert moe.large_batch_fused(dev[0], dev[3])
-    out = moe.large_batch_moe(dev[0], dev[1], dev[2], dev[3], tuple(dev[4:]), K, True).cpu().float()
+        assert moe.fused_block(dev[0], dev[3], dev[6])
+    out = moe.moe_block(dev[0], dev[1], dev[2], dev[3], tuple(dev[4:]), K, True).cpu().float()
     assert (out - ref).abs().max() <= 3e-2 * max(1.0, ref.abs().max().item())
 
 
