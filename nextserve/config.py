@@ -27,6 +27,22 @@ class EngineConfig:
         },
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "fp8: quantise a bf16 checkpoint to block FP8 (128x128) while loading; FP8 checkpoints are "
+            "computed in FP8 without it",
+            "choices": ("fp8",),
+        },
+    )
+    load_format: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (safetensors), or dummy: random weights for the folder's config.json, nothing read from "
+            "disk (benchmarks; a synthetic tokenizer when the folder has none)",
+            "choices": ("auto", "safetensors", "dummy"),
+        },
+    )
     seed: int = field(default=0, metadata={"help": "global seed for unseeded sampling"})
     json_model_override_args: str | None = field(
         default=None,
@@ -135,6 +151,8 @@ class EngineConfig:
         )
         need(self.context_length is None or self.context_length >= 2, "--context-length must be >= 2")
         need(self.dtype in _DTYPES, f"--dtype must be one of {_DTYPES}")
+        need(self.quantization in (None, "fp8"), f"--quantization {self.quantization!r}: only fp8 is supported")
+        need(self.load_format in ("auto", "safetensors", "dummy"), "--load-format must be auto, safetensors or dummy")
         need(self.mamba_ssm_dtype in ("float32", "bfloat16"), "--mamba-ssm-dtype must be float32 or bfloat16")
         need(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

@@ -26,7 +26,14 @@ from nextserve.engine.sampler import SamplingRow, build_sampling_batch, sample
 from nextserve.engine.scheduler import ScheduledSeq, Scheduler
 from nextserve.engine.spec_decode import SpecDecoder
 from nextserve.engine.state_pool import StateLayout, StatePool
-from nextserve.loader.model_loader import load_generation_defaults, load_model, load_tokenizer
+from nextserve.loader.model_loader import (
+    build_dummy_model,
+    load_generation_defaults,
+    load_model,
+    load_tokenizer,
+    resolve_quantization,
+    weights_summary,
+)
 from nextserve.model_config import ModelConfig
 from nextserve.models.weights import WeightsError
 from nextserve.outputs import RequestOutput, TokenLogprob
@@ -57,28 +64,37 @@ class Engine:
         model_dir = Path(cfg.model) if cfg.model else _default_model_dir()
         self.model_dir = model_dir
         self.model_config = ModelConfig.from_pretrained(model_dir, cfg.model_overrides())
-        self.tokenizer = load_tokenizer(model_dir)
+        dummy = cfg.load_format == "dummy"
+        self.quant = resolve_quantization(model_dir, cfg.quantization, from_weights=not dummy)
+        self.tokenizer = load_tokenizer(model_dir, synthetic_vocab=self.model_config.vocab_size if dummy else None)
         self.generation_defaults = load_generation_defaults(model_dir)
         torch.manual_seed(cfg.seed)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            need = weight_bytes(self.model_config, self.dtype, cfg.speculative)
+            need = weight_bytes(self.model_config, self.dtype, cfg.speculative, self.quant)
             check_weights_fit(need, free, total, cfg.mem_fraction_static, self.dtype)
         try:
-            self.model = load_model(
-                model_dir,
-                self.model_config,
-                dtype=self.dtype,
-                device=self.device,
-                with_mtp=cfg.speculative,
-                progress=not cfg.disable_tqdm,
-            )
+            if dummy:
+                self.model = build_dummy_model(
+                    self.model_config, self.dtype, self.device, cfg.speculative, self.quant, seed=cfg.seed
+                )
+            else:
+                self.model = load_model(
+                    model_dir,
+                    self.model_config,
+                    dtype=self.dtype,
+                    device=self.device,
+                    with_mtp=cfg.speculative,
+                    progress=not cfg.disable_tqdm,
+                    quant=self.quant,
+                )
         except WeightsError as e:
             if cfg.speculative and "mtp." in str(e):
                 raise ValueError(
                     f"--speculative-algorithm {cfg.speculative_algorithm} needs the checkpoint's mtp.* weights: {e}"
                 ) from None
             raise
+        logger.info("nextserve weights: %s", weights_summary(self.model, dummy))
         self.capacity = self._plan_capacity()
         logger.info("nextserve capacity: %s", self.capacity.describe())
         self.kv_pool = KVPool(self.kv_layout, self.capacity.num_pages, self.device)

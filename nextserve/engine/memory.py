@@ -114,12 +114,13 @@ def auto_snapshot_interval(slot_bytes: int, page_bytes: int, page_size: int) -> 
     return int(min(max(math.ceil(tokens / unit) * unit, 256 // unit * unit or unit), 4096 // unit * unit or unit))
 
 
-def weight_bytes(mc: ModelConfig, dtype: torch.dtype, with_mtp: bool) -> int:
-    """Exact bytes of the model's parameters, counted on the meta device (nothing is allocated)."""
+def weight_bytes(mc: ModelConfig, dtype: torch.dtype, with_mtp: bool, quant=None) -> int:
+    """Exact bytes of the model's parameters (FP8 weights and their scales where `quant` says), counted on the meta
+    device (nothing is allocated)."""
     from nextserve.models.qwen3_next import Qwen3NextForCausalLM
 
     with torch.device("meta"):
-        model = Qwen3NextForCausalLM(mc, dtype=dtype, with_mtp=with_mtp)
+        model = Qwen3NextForCausalLM(mc, dtype=dtype, with_mtp=with_mtp, quant=quant)
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 

@@ -3,6 +3,9 @@
 A `Linear` holds only its local shard. `shard_fn` maps the full checkpoint tensor to that shard (identity at
 TP=1); the loader calls `load_full(tensor)`. Column-parallel layers split output rows, row-parallel ones split
 input columns and all-reduce their output through the communicator when `reduce` is set.
+
+With `fp8_block` the weight is float8_e4m3fn with its fp32 block scales beside it as `weight_scale_inv` (the
+checkpoints' name), and the product runs through `ops.fp8.linear` (activations quantised per token per block).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nextserve.loader.fp8 import FP8_DTYPE, scale_shape
+from nextserve.ops import fp8 as fp8_ops
 from nextserve.parallel import Communicator, ParallelContext
 
 ShardFn = Callable[[torch.Tensor], torch.Tensor]
@@ -61,24 +66,54 @@ class Linear(nn.Module):
         shard_fn: ShardFn = replicated,
         comm: Communicator | None = None,
         dtype: torch.dtype | None = None,
+        fp8_block: tuple[int, int] | None = None,
     ):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.fp8_block = fp8_block
+        wdtype = FP8_DTYPE if fp8_block else dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=wdtype), requires_grad=False)
         self.weight.shard_fn = shard_fn
+        if fp8_block:
+            scales = scale_shape((out_features, in_features), fp8_block)
+            self.weight_scale_inv = nn.Parameter(torch.empty(scales, dtype=torch.float32), requires_grad=False)
+            self.weight_scale_inv.shard_fn = _fp8_shard_fn(shard_fn)
+            self.weight_scale_inv.fp8_block = fp8_block
         # Set only on row-parallel layers whose output is a partial sum.
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        if self.fp8_block:
+            y = fp8_ops.linear(x, self.weight, self.weight_scale_inv, self.fp8_block)
+        else:
+            y = F.linear(x, self.weight)
         return self.comm.all_reduce(y) if self.comm is not None else y
 
 
-def column_parallel(ctx: ParallelContext, in_f: int, out_f: int, parts=None, dtype=None) -> Linear:
+def _fp8_shard_fn(shard_fn: ShardFn) -> ShardFn:
+    """Block scales shard with their weight only where a rank's share is whole blocks; tensor parallelism over FP8
+    weights is not wired yet, so only the unsharded case is allowed."""
+    if shard_fn is replicated:
+        return replicated
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        probe = shard_fn(t)
+        if probe is t or probe.shape == t.shape:
+            return t
+        raise ValueError("FP8 weights cannot be sharded across tensor-parallel ranks yet")
+
+    return fn
+
+
+def column_parallel(ctx: ParallelContext, in_f: int, out_f: int, parts=None, dtype=None, fp8_block=None) -> Linear:
     """Output rows split across ranks. `out_f` is the full size."""
-    return Linear(in_f, ctx.split(out_f, "output features"), shard_fn=split_parts(ctx, 0, parts), dtype=dtype)
+    shard = split_parts(ctx, 0, parts)
+    return Linear(in_f, ctx.split(out_f, "output features"), shard_fn=shard, dtype=dtype, fp8_block=fp8_block)
 
 
-def row_parallel(ctx: ParallelContext, comm: Communicator | None, in_f: int, out_f: int, dtype=None) -> Linear:
+def row_parallel(
+    ctx: ParallelContext, comm: Communicator | None, in_f: int, out_f: int, dtype=None, fp8_block=None
+) -> Linear:
     """Input columns split across ranks; the output is all-reduced through `comm` (None: caller reduces)."""
     reduce = comm if (comm is not None and ctx.size > 1) else None
-    return Linear(ctx.split(in_f, "input features"), out_f, shard_fn=split_parts(ctx, 1), comm=reduce, dtype=dtype)
+    in_local = ctx.split(in_f, "input features")
+    return Linear(in_local, out_f, shard_fn=split_parts(ctx, 1), comm=reduce, dtype=dtype, fp8_block=fp8_block)

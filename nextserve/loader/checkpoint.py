@@ -7,9 +7,11 @@ Contract of ``iter_checkpoint``:
 - Every file is memory-mapped and read one tensor at a time, in file order and, within a shard, index order.
 - The whole layout (files, tensor names, dtypes, shapes, FP8 weight/scale pairs) is checked from the file
   headers before the first tensor is yielded, so a broken checkpoint fails fast, not after minutes of loading.
-- FP8 (``quantization_config.quant_method == "fp8"``): each float8_e4m3fn ``X.weight`` is yielded dequantised
-  with ``X.weight_scale_inv`` (see ``fp8.py``); scale tensors are consumed, never yielded. A weight and its
-  scale may live in different shards.
+- FP8 (``quantization_config.quant_method == "fp8"``): a float8_e4m3fn tensor ``X`` (``X.weight``, or a fused
+  expert tensor ``X.gate_up_proj`` / ``X.down_proj`` [E, rows, cols]) has its block scales in ``X_scale_inv``. Where
+  ``keep_fp8(X)`` says so, both are yielded exactly as stored, the weight first; otherwise ``X`` is yielded
+  dequantised (see ``fp8.py``) and its scale is consumed. A weight and its scale may live in different shards.
+  ``fp8_modules`` lists, from the headers alone, the modules that hold FP8 weights.
 - Names are yielded unchanged; mapping them onto model parameters is the model's job.
 """
 
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +35,11 @@ from nextserve.loader.fp8 import check_block, dequantize_block_fp8, scale_shape
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-SCALE_SUFFIX = "_scale_inv"  # appended to "X.weight"
+SCALE_SUFFIX = "_scale_inv"  # appended to "X.weight" (or to a fused expert tensor's name)
 DEFAULT_FP8_BLOCK = (128, 128)
+_FUSED_EXPERTS = (".gate_up_proj", ".down_proj")  # 3-D expert tensors of fused layouts (no ".weight")
+# One routed expert's projection (per-expert layout) or the fused tensors: FP8-ness belongs to the experts module.
+_EXPERT_MODULE = re.compile(r"^(?P<experts>.*\.mlp\.experts)\.(\d+\.(gate|up|down)_proj|gate_up_proj|down_proj)$")
 
 # safetensors header dtype tags of the float8 formats.
 _FP8_E4M3_TAG = "F8_E4M3"
@@ -88,9 +94,10 @@ def fp8_block_size(config: dict[str, Any]) -> tuple[int, int] | None:
         raise CheckpointError(f"unsupported FP8 activation_scheme {scheme!r} (only 'dynamic')")
     block = qc.get("weight_block_size", list(DEFAULT_FP8_BLOCK))
     try:
-        return check_block(block)
+        block = check_block(block)
     except ValueError as e:
         raise CheckpointError(f"bad quantization_config.weight_block_size: {e}") from e
+    return block
 
 
 def _read_index(model_dir: Path) -> dict[str, Path]:
@@ -165,10 +172,14 @@ def _plan(
     return tensors, handles
 
 
+def _is_scale(name: str) -> bool:
+    return name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX).endswith((".weight", *_FUSED_EXPERTS))
+
+
 def _check_fp8(tensors: dict[str, _TensorInfo], block: tuple[int, int] | None) -> None:
     """Check that FP8 weights and their scales pair up one to one with matching shapes."""
     for name, info in tensors.items():
-        if name.endswith(".weight" + SCALE_SUFFIX):
+        if _is_scale(name):
             if block is None:
                 raise CheckpointError(
                     f"found FP8 scale {name!r} in {info.file.name} but {CONFIG_FILE} declares no fp8 "
@@ -185,14 +196,20 @@ def _check_fp8(tensors: dict[str, _TensorInfo], block: tuple[int, int] | None) -
         elif block is not None and info.dtype.startswith(_FP8_TAG_PREFIX):
             if info.dtype != _FP8_E4M3_TAG:
                 raise CheckpointError(f"tensor {name!r} is stored as {info.dtype} but fmt is e4m3")
-            if not name.endswith(".weight") or len(info.shape) != 2:
+            fused = name.endswith(_FUSED_EXPERTS) and len(info.shape) == 3
+            if not fused and (not name.endswith(".weight") or len(info.shape) != 2):
                 raise CheckpointError(
-                    f"FP8 tensor {name!r} of shape {list(info.shape)} is not a 2-D '.weight'; cannot dequantise it"
+                    f"FP8 tensor {name!r} of shape {list(info.shape)} is neither a 2-D '.weight' nor a 3-D fused "
+                    "expert tensor; cannot use it"
                 )
             scale = tensors.get(name + SCALE_SUFFIX)
             if scale is None:
                 raise CheckpointError(f"FP8 weight {name!r} has no scale {name + SCALE_SUFFIX!r}")
-            expected = scale_shape(info.shape, block)
+            expected = scale_shape(info.shape[-2:], block)
+            if fused and name.endswith(".gate_up_proj"):  # gate and up blocked apart: 2 x ceil(I / bn) rows
+                expected = (2 * scale_shape((info.shape[1] // 2, 1), block)[0], expected[1])
+            if fused:
+                expected = (info.shape[0], *expected)
             if scale.shape != expected:
                 raise CheckpointError(
                     f"FP8 scale {name + SCALE_SUFFIX!r} has shape {list(scale.shape)}, "
@@ -208,16 +225,45 @@ def _get(handles: dict[Path, Any], info: _TensorInfo, name: str) -> torch.Tensor
         raise CheckpointError(f"cannot read tensor {name!r} from {info.file}: {e}") from e
 
 
+def fp8_modules(model_dir: str | os.PathLike) -> frozenset[str]:
+    """Names of the modules whose weights the checkpoint stores in FP8, from the file headers alone: ``X`` for each
+    ``X.weight_scale_inv``; a routed-expert module (``...mlp.experts``) for its per-expert or fused scales."""
+    model_dir = Path(model_dir)
+    files, index = _checkpoint_files(model_dir)
+    with ExitStack() as stack:
+        tensors, _ = _plan(files, index, stack)
+    modules = set()
+    for name in tensors:
+        if _is_scale(name):
+            module = name.removesuffix(SCALE_SUFFIX).removesuffix(".weight")
+            m = _EXPERT_MODULE.match(module)
+            modules.add(m["experts"] if m else module)
+    return frozenset(modules)
+
+
+def _dequantize(tensor: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype) -> torch.Tensor:
+    if tensor.dim() == 2:
+        return dequantize_block_fp8(tensor, scale, block, dtype)
+    if scale.shape[1] != scale_shape(tensor.shape[1:], block)[0]:  # a fused gate_up: gate and up blocked apart
+        from nextserve.ops.fp8 import dequantize_w13
+
+        return torch.stack([dequantize_w13(t, s, block).to(dtype) for t, s in zip(tensor, scale)])
+    return torch.stack([dequantize_block_fp8(t, s, block, dtype) for t, s in zip(tensor, scale)])
+
+
 def iter_checkpoint(
     model_dir: str | os.PathLike,
     *,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    keep_fp8: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield every logical tensor of the checkpoint in ``model_dir`` as (name, tensor).
 
-    ``dtype`` casts floating-point tensors (others are left alone); FP8 weights are dequantised to ``dtype``,
-    or to bfloat16 when ``dtype`` is None. The progress bar shows only if ``progress`` and stderr is a tty.
+    ``dtype`` casts floating-point tensors (others are left alone). An FP8 weight ``X`` for which ``keep_fp8(X)``
+    is true is yielded as stored, followed by its scale ``X_scale_inv``; other FP8 weights are dequantised to
+    ``dtype``, or to bfloat16 when ``dtype`` is None. The progress bar shows only if ``progress`` and stderr is a
+    tty.
     """
     model_dir = Path(model_dir)
     files, index = _checkpoint_files(model_dir)
@@ -226,7 +272,7 @@ def iter_checkpoint(
     with ExitStack() as stack:
         tensors, handles = _plan(files, index, stack)
         _check_fp8(tensors, block)
-        names = [n for n in tensors if not (block is not None and n.endswith(".weight" + SCALE_SUFFIX))]
+        names = [n for n in tensors if not (block is not None and _is_scale(n))]
         # disable=None lets tqdm hide itself when stderr is not a terminal (CI, logs).
         bar = stack.enter_context(
             tqdm(total=len(names), desc="Loading weights", unit="tensor", disable=None if progress else True)
@@ -237,7 +283,12 @@ def iter_checkpoint(
             if block is not None and info.dtype == _FP8_E4M3_TAG:
                 scale_name = name + SCALE_SUFFIX
                 scale = _get(handles, tensors[scale_name], scale_name)
-                tensor = dequantize_block_fp8(tensor, scale, block, dtype or torch.bfloat16)
+                if keep_fp8 is not None and keep_fp8(name):
+                    bar.update(1)
+                    yield name, tensor
+                    yield scale_name, scale
+                    continue
+                tensor = _dequantize(tensor, scale, block, dtype or torch.bfloat16)
             elif dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                 tensor = tensor.to(dtype)
             bar.update(1)

@@ -85,12 +85,17 @@ def write_checkpoint(
     config = dict(config)  # never mutate the caller's dict
     if fp8_block is not None:
         block = check_block(fp8_block)
-        tensors = _quantise(tensors, block, fp8_skip or (lambda name: False))
+        skip = fp8_skip or (lambda name: False)
+        tensors = _quantise(tensors, block, skip)
+        # As the official FP8 checkpoints do: name the modules whose 2-D weights stayed unquantised.
+        kept = [n.removesuffix(".weight") for n, t in tensors.items() if n.endswith(".weight") and t.dim() == 2]
+        kept = [n for n in kept if n + ".weight" + SCALE_SUFFIX not in tensors]
         config["quantization_config"] = {
             "quant_method": "fp8",
             "fmt": "e4m3",
             "activation_scheme": "dynamic",
             "weight_block_size": list(block),
+            "modules_to_not_convert": kept,
         }
     (model_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 

@@ -5,6 +5,9 @@ every sequence end to end. Layers read and write their caches in place: each ful
 its KV pages (`k_cache`, `v_cache`), each Gated DeltaNet layer its slot-pool views (`conv_state`, `ssm_state`);
 the engine binds them once, before the first step (`bind_caches`).
 
+Block-FP8 weights (an FP8 checkpoint, `--quantization fp8`): `quant` says per module name (`prefix`) which
+linears and routed experts hold float8_e4m3fn weights with their block scales (`layers/quant.py`).
+
 Legend: T tokens in the step, H hidden size, Hq/Hkv attention heads, D head dim, Hk/Hv linear key/value heads,
 dk/dv their head dims, r = Hv/Hk, E experts, I expert intermediate size. Sizes named *_local are per TP rank.
 """
@@ -19,7 +22,9 @@ from torch import nn
 
 from nextserve.forward_batch import ForwardBatch
 from nextserve.layers.linear import Linear, column_parallel, replicated, row_parallel, split_parts
+from nextserve.layers.quant import Fp8Config, fp8_block
 from nextserve.layers.rotary import RotaryEmbedding, apply_rotary
+from nextserve.loader.fp8 import FP8_DTYPE, scale_shape
 from nextserve.model_config import ModelConfig
 from nextserve.ops.attention import paged_attention
 from nextserve.ops.conv1d import causal_conv1d
@@ -53,8 +58,9 @@ class Qwen3NextRMSNorm(nn.Module):
 class Qwen3NextAttention(nn.Module):
     """Gated full attention: q/gate split per head, q/k norm, partial RoPE, GQA over paged KV, sigmoid gate."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, comm: Communicator, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, comm: Communicator, dtype: torch.dtype, quant, prefix):
         super().__init__()
+        fp8 = lambda name: fp8_block(quant, f"{prefix}.{name}")  # noqa: E731
         D = self.head_dim = cfg.head_dim
         self.num_heads = ctx.split(cfg.num_attention_heads, "num_attention_heads")
         kv = cfg.num_key_value_heads
@@ -62,10 +68,12 @@ class Qwen3NextAttention(nn.Module):
         self.num_kv_heads = max(1, kv // ctx.size)
         kv_shard = split_parts(ctx, 0) if ctx.size <= kv else _kv_head_of_rank(ctx, kv, D)
         # q_proj rows are [query(D) | gate(D)] per head, so a contiguous row split keeps heads whole.
-        self.q_proj = column_parallel(ctx, cfg.hidden_size, cfg.num_attention_heads * D * 2, dtype=dtype)
-        self.k_proj = Linear(cfg.hidden_size, self.num_kv_heads * D, shard_fn=kv_shard, dtype=dtype)
-        self.v_proj = Linear(cfg.hidden_size, self.num_kv_heads * D, shard_fn=kv_shard, dtype=dtype)
-        self.o_proj = row_parallel(ctx, comm, cfg.num_attention_heads * D, cfg.hidden_size, dtype=dtype)
+        H, Hq = cfg.hidden_size, cfg.num_attention_heads
+        self.q_proj = column_parallel(ctx, H, Hq * D * 2, dtype=dtype, fp8_block=fp8("q_proj"))
+        kv_dim = self.num_kv_heads * D
+        self.k_proj = Linear(H, kv_dim, shard_fn=kv_shard, dtype=dtype, fp8_block=fp8("k_proj"))
+        self.v_proj = Linear(H, kv_dim, shard_fn=kv_shard, dtype=dtype, fp8_block=fp8("v_proj"))
+        self.o_proj = row_parallel(ctx, comm, Hq * D, H, dtype=dtype, fp8_block=fp8("o_proj"))
         self.q_norm = Qwen3NextRMSNorm(D, cfg.rms_norm_eps, dtype)
         self.k_norm = Qwen3NextRMSNorm(D, cfg.rms_norm_eps, dtype)
         self.scale = D**-0.5
@@ -94,8 +102,9 @@ class Qwen3NextGatedDeltaNet(nn.Module):
     """Gated DeltaNet linear attention (spec section 7): interleaved qkvz/ba projections, short causal conv,
     gates, the delta rule over the slot's recurrent state, gated RMSNorm, output projection."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, comm: Communicator, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, comm: Communicator, dtype: torch.dtype, quant, prefix):
         super().__init__()
+        fp8 = lambda name: fp8_block(quant, f"{prefix}.{name}")  # noqa: E731
         self.hk = ctx.split(cfg.linear_num_key_heads, "linear_num_key_heads")
         self.hv = ctx.split(cfg.linear_num_value_heads, "linear_num_value_heads")
         self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
@@ -103,8 +112,10 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         self.eps = cfg.rms_norm_eps
         H, kd, vd = cfg.hidden_size, cfg.linear_key_dim, cfg.linear_value_dim
         # Rows are grouped by key head ([q|k|v|z] and [b|a] per group), so contiguous row splits keep groups whole.
-        self.in_proj_qkvz = column_parallel(ctx, H, 2 * kd + 2 * vd, dtype=dtype)
-        self.in_proj_ba = column_parallel(ctx, H, 2 * cfg.linear_num_value_heads, dtype=dtype)
+        self.in_proj_qkvz = column_parallel(ctx, H, 2 * kd + 2 * vd, dtype=dtype, fp8_block=fp8("in_proj_qkvz"))
+        self.in_proj_ba = column_parallel(
+            ctx, H, 2 * cfg.linear_num_value_heads, dtype=dtype, fp8_block=fp8("in_proj_ba")
+        )
         conv = nn.Module()
         # Conv channels are de-interleaved [q (kd) | k (kd) | v (vd)]: each part is split separately.
         conv.weight = _param(
@@ -120,7 +131,7 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         norm = nn.Module()
         norm.weight = _param(self.dv, dtype=dtype)
         self.norm = norm
-        self.out_proj = row_parallel(ctx, comm, vd, H, dtype=dtype)
+        self.out_proj = row_parallel(ctx, comm, vd, H, dtype=dtype, fp8_block=fp8("out_proj"))
         self.conv_state: torch.Tensor | None = None  # [slots, conv_dim_local, K-1], bound by the engine
         self.ssm_state: torch.Tensor | None = None  # [slots, Hv, dk, dv]
         # Conv channels run in [q | k | v] order, key-head-major then value-head-major; the projection's columns are
@@ -153,49 +164,77 @@ class Qwen3NextGatedDeltaNet(nn.Module):
 class Qwen3NextMLP(nn.Module):
     """SwiGLU MLP (the shared expert, and dense layers listed in mlp_only_layers)."""
 
-    def __init__(self, H: int, inter: int, ctx: ParallelContext, comm: Communicator | None, dtype: torch.dtype):
+    def __init__(self, H: int, inter: int, ctx: ParallelContext, comm: Communicator | None, dtype, quant, prefix):
         super().__init__()
-        self.gate_proj = column_parallel(ctx, H, inter, dtype=dtype)
-        self.up_proj = column_parallel(ctx, H, inter, dtype=dtype)
-        self.down_proj = row_parallel(ctx, comm, inter, H, dtype=dtype)
+        fp8 = lambda name: fp8_block(quant, f"{prefix}.{name}")  # noqa: E731
+        self.gate_proj = column_parallel(ctx, H, inter, dtype=dtype, fp8_block=fp8("gate_proj"))
+        self.up_proj = column_parallel(ctx, H, inter, dtype=dtype, fp8_block=fp8("up_proj"))
+        self.down_proj = row_parallel(ctx, comm, inter, H, dtype=dtype, fp8_block=fp8("down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Qwen3NextExperts(nn.Module):
-    """All routed experts, packed: gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj [E, H, I]."""
+    """All routed experts, packed: gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj [E, H, I].
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype):
+    Block-FP8 (`block`): both float8_e4m3fn, with block scales gate_up_proj_scale_inv [E, 2 ceil(I/bn), ceil(H/bk)]
+    (the gate's block rows, then the up's) and down_proj_scale_inv [E, ceil(H/bn), ceil(I/bk)]."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, block: tuple[int, int] | None):
         super().__init__()
         E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         i_local = ctx.split(I, "moe_intermediate_size")
-        self.gate_up_proj = _param(E, 2 * i_local, H, dtype=dtype, shard_fn=split_parts(ctx, 1, [I, I]))
-        self.down_proj = _param(E, H, i_local, dtype=dtype, shard_fn=split_parts(ctx, 2))
+        self.block = block
+        wdtype = FP8_DTYPE if block else dtype
+        self.gate_up_proj = _param(E, 2 * i_local, H, dtype=wdtype, shard_fn=split_parts(ctx, 1, [I, I]))
+        self.down_proj = _param(E, H, i_local, dtype=wdtype, shard_fn=split_parts(ctx, 2))
         # Shapes of one expert's checkpoint tensors, before sharding (the loader checks them).
         self.gate_up_proj.expert_shape = (I, H)
         self.down_proj.expert_shape = (H, I)
+        if block:
+            if ctx.size > 1:
+                raise ValueError("FP8 experts cannot be sharded across tensor-parallel ranks yet")
+            gu, dn = scale_shape((i_local, H), block), scale_shape((H, i_local), block)
+            self.gate_up_proj_scale_inv = _param(E, 2 * gu[0], gu[1], dtype=torch.float32)
+            self.down_proj_scale_inv = _param(E, *dn, dtype=torch.float32)
+            self.gate_up_proj_scale_inv.fp8_block = self.down_proj_scale_inv.fp8_block = block
+
+    def fp8_args(self) -> dict:
+        """The keyword arguments the MoE ops take for block-FP8 experts ({} when the experts are not FP8)."""
+        if not self.block:
+            return {}
+        return dict(w13_scale=self.gate_up_proj_scale_inv, w2_scale=self.down_proj_scale_inv, block=self.block)
 
 
 class Qwen3NextSparseMoeBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, comm: Communicator, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, comm: Communicator, dtype: torch.dtype, quant, prefix):
         super().__init__()
+        H = cfg.hidden_size
         self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.gate = Linear(cfg.hidden_size, cfg.num_experts, dtype=dtype)  # router, replicated
-        self.experts = Qwen3NextExperts(cfg, ctx, dtype)
-        self.shared_expert = Qwen3NextMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, ctx, None, dtype)
-        self.shared_expert_gate = Linear(cfg.hidden_size, 1, dtype=dtype)
+        # The router and the shared expert's gate stay in the model dtype (the loader dequantises FP8 ones): the
+        # routing reads their logits at full precision, and the fused block concatenates them (_router_weight).
+        self.gate = Linear(H, cfg.num_experts, dtype=dtype)
+        self.experts = Qwen3NextExperts(cfg, ctx, dtype, fp8_block(quant, f"{prefix}.experts"))
+        inter = cfg.shared_expert_intermediate_size
+        self.shared_expert = Qwen3NextMLP(H, inter, ctx, None, dtype, quant, f"{prefix}.shared_expert")
+        self.shared_expert_gate = Linear(H, 1, dtype=dtype)
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         se, w13, w2 = self.shared_expert, self.experts.gate_up_proj, self.experts.down_proj
-        if fused_block(x, w2, se.down_proj.weight):
+        fp8 = self.experts.fp8_args()
+        # The fused block takes the shared expert in the experts' format (both FP8 or neither).
+        same_format = (se.down_proj.fp8_block is not None) == bool(fp8)
+        if same_format and fused_block(x, w2, se.down_proj.weight):
             # CUDA: router, shared gate, routed and shared experts in a few Triton launches (ops/moe.py).
             shared = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight)
-            out = moe_block(x, self._router_weight(), w13, w2, shared, self.top_k, self.renormalize)
+            if fp8:
+                fp8["shared_scales"] = self._shared_scales()
+            out = moe_block(x, self._router_weight(), w13, w2, shared, self.top_k, self.renormalize, **fp8)
             return self.comm.all_reduce(out)
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        routed = fused_experts(x, self.experts.gate_up_proj, self.experts.down_proj, weights.to(x.dtype), ids)
+        routed = fused_experts(x, w13, w2, weights.to(x.dtype), ids, **fp8)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         # Both halves are partial sums under TP: one all-reduce for the block.
         return self.comm.all_reduce(routed + shared)
@@ -213,19 +252,23 @@ class Qwen3NextSparseMoeBlock(nn.Module):
             self._router_key = key
         return self._router_cat
 
+    def _shared_scales(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        se = self.shared_expert
+        return (se.gate_proj.weight_scale_inv, se.up_proj.weight_scale_inv, se.down_proj.weight_scale_inv)
+
 
 class Qwen3NextDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_type: str, moe: bool, ctx, comm, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, layer_type: str, moe: bool, ctx, comm, dtype: torch.dtype, quant, prefix):
         super().__init__()
         self.layer_type = layer_type
         if layer_type == "full_attention":
-            self.self_attn = Qwen3NextAttention(cfg, ctx, comm, dtype)
+            self.self_attn = Qwen3NextAttention(cfg, ctx, comm, dtype, quant, f"{prefix}.self_attn")
         else:
-            self.linear_attn = Qwen3NextGatedDeltaNet(cfg, ctx, comm, dtype)
+            self.linear_attn = Qwen3NextGatedDeltaNet(cfg, ctx, comm, dtype, quant, f"{prefix}.linear_attn")
         if moe:
-            self.mlp = Qwen3NextSparseMoeBlock(cfg, ctx, comm, dtype)
+            self.mlp = Qwen3NextSparseMoeBlock(cfg, ctx, comm, dtype, quant, f"{prefix}.mlp")
         else:
-            self.mlp = Qwen3NextMLP(cfg.hidden_size, cfg.intermediate_size, ctx, comm, dtype)
+            self.mlp = Qwen3NextMLP(cfg.hidden_size, cfg.intermediate_size, ctx, comm, dtype, quant, f"{prefix}.mlp")
         self.input_layernorm = Qwen3NextRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = Qwen3NextRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -247,12 +290,13 @@ class Qwen3NextDecoderLayer(nn.Module):
 
 
 class Qwen3NextModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx, comm, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, ctx, comm, dtype: torch.dtype, quant: Fp8Config | None):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            Qwen3NextDecoderLayer(cfg, t, cfg.is_moe_layer(i), ctx, comm, dtype) for i, t in enumerate(cfg.layer_types)
+            Qwen3NextDecoderLayer(cfg, t, cfg.is_moe_layer(i), ctx, comm, dtype, quant, f"model.layers.{i}")
+            for i, t in enumerate(cfg.layer_types)
         )
         self.norm = Qwen3NextRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(cfg.rope)
@@ -271,13 +315,14 @@ class Qwen3NextMTP(nn.Module):
     """Multi-token prediction head (spec section 10): predicts token t+2 from the target's normed hidden state at
     t and the embedding of token t+1, through one full-attention + MoE layer with its own KV cache."""
 
-    def __init__(self, cfg: ModelConfig, ctx, comm, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, ctx, comm, dtype: torch.dtype, quant: Fp8Config | None):
         super().__init__()
         H = cfg.hidden_size
-        self.fc = Linear(2 * H, H, dtype=dtype)
+        self.fc = Linear(2 * H, H, dtype=dtype, fp8_block=fp8_block(quant, "mtp.fc"))
         self.pre_fc_norm_embedding = Qwen3NextRMSNorm(H, cfg.rms_norm_eps, dtype)
         self.pre_fc_norm_hidden = Qwen3NextRMSNorm(H, cfg.rms_norm_eps, dtype)
-        self.layers = nn.ModuleList([Qwen3NextDecoderLayer(cfg, "full_attention", True, ctx, comm, dtype)])
+        layer = Qwen3NextDecoderLayer(cfg, "full_attention", True, ctx, comm, dtype, quant, "mtp.layers.0")
+        self.layers = nn.ModuleList([layer])
         self.norm = Qwen3NextRMSNorm(H, cfg.rms_norm_eps, dtype)
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos, sin, batch: ForwardBatch) -> torch.Tensor:
@@ -295,18 +340,19 @@ class Qwen3NextForCausalLM(nn.Module):
         ctx: ParallelContext | None = None,
         comm: Communicator | None = None,
         with_mtp: bool | None = None,
+        quant: Fp8Config | None = None,
     ):
         super().__init__()
         ctx = ctx or ParallelContext()
         comm = comm or Communicator(ctx)
-        self.config, self.dtype = cfg, dtype
-        self.model = Qwen3NextModel(cfg, ctx, comm, dtype)
+        self.config, self.dtype, self.quant = cfg, dtype, quant
+        self.model = Qwen3NextModel(cfg, ctx, comm, dtype, quant)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if with_mtp is None:
             with_mtp = cfg.num_nextn_predict_layers > 0
-        self.mtp = Qwen3NextMTP(cfg, ctx, comm, dtype) if with_mtp else None
+        self.mtp = Qwen3NextMTP(cfg, ctx, comm, dtype, quant) if with_mtp else None
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return self.model(input_ids, batch)

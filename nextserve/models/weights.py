@@ -4,6 +4,10 @@ Names are the checkpoint's own, with one mapping: per-expert tensors `...mlp.exp
 are packed into `...mlp.experts.gate_up_proj[e]` (gate rows, then up rows) and `...mlp.experts.down_proj[e]`.
 Checkpoints that already store the fused tensors (newer transformers) load as they are. Each tensor is cut to
 this rank's shard by the parameter's `shard_fn`. Every problem raises `WeightsError` naming the tensor.
+
+Block-FP8 parameters (float8_e4m3fn, with `X_scale_inv` beside them) take an FP8 checkpoint's weight and scale as
+they are, or quantise a floating checkpoint tensor on the fly (`--quantization fp8`), one tensor at a time on the
+device it arrives on. `keeps_fp8(model)` tells the checkpoint reader which FP8 tensors to hand over undequantised.
 """
 
 from __future__ import annotations
@@ -16,16 +20,34 @@ import torch
 from torch import nn
 
 from nextserve.layers.linear import load_param
+from nextserve.loader.fp8 import FP8_DTYPE, quantize_block_fp8
 
 logger = logging.getLogger(__name__)
 
-_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight(?P<scale>_scale_inv)?$"
+)
 # Buffers some checkpoints carry that have no parameter here.
-_SKIP = re.compile(r"(rotary_emb\.inv_freq|\.weight_scale_inv)$")
+_SKIP = re.compile(r"rotary_emb\.inv_freq$")
+SCALE = "_scale_inv"
 
 
 class WeightsError(ValueError):
     """A checkpoint that does not fit the model: missing, unexpected or mis-shaped tensors."""
+
+
+def keeps_fp8(model: nn.Module):
+    """Predicate over checkpoint tensor names: whether the model holds that weight in FP8 (so an FP8 checkpoint's
+    tensor and scale are wanted as stored)."""
+    fp8 = {name for name, p in model.named_parameters() if p.dtype == FP8_DTYPE}
+
+    def keep(name: str) -> bool:
+        m = _EXPERT.match(name)
+        if m:
+            return m["prefix"] + (".down_proj" if m["proj"] == "down_proj" else ".gate_up_proj") in fp8
+        return name in fp8
+
+    return keep
 
 
 def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -42,13 +64,22 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
             continue
         m = _EXPERT.match(name)
         if m:
-            _load_expert(params, m, tensor, name)
-            expert_rows.setdefault(m["prefix"], set()).add((int(m["e"]), m["proj"]))
+            for proj in _load_expert(params, m, tensor, name):
+                expert_rows.setdefault(m["prefix"], set()).add((int(m["e"]), proj))
             continue
         if name not in params:
             raise WeightsError(f"unexpected tensor {name!r} in the checkpoint (no such parameter in the model)")
+        param = params[name]
         try:
-            load_param(params[name], tensor, name)
+            if param.dtype == FP8_DTYPE and tensor.dtype != FP8_DTYPE:
+                # --quantization fp8: quantise this weight now, on the device it arrived on, with its scale.
+                if name + SCALE not in params:
+                    raise WeightsError(f"cannot quantise {name!r} of shape {tuple(tensor.shape)} to block FP8")
+                wq, scale = _quantize(tensor, _block_of(params[name + SCALE]), name.endswith(".gate_up_proj"))
+                load_param(params[name + SCALE], scale, name + SCALE)
+                loaded.add(name + SCALE)
+                tensor = wq
+            load_param(param, tensor, name)
         except ValueError as e:
             raise WeightsError(str(e)) from None
         loaded.add(name)
@@ -58,11 +89,16 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
     # Packed experts count as loaded when every (expert, projection) arrived, or when the fused tensor did.
     for prefix, seen in expert_rows.items():
         n_exp = params[prefix + ".gate_up_proj"].shape[0]
-        missing = [(e, p) for e in range(n_exp) for p in ("gate_proj", "up_proj", "down_proj") if (e, p) not in seen]
+        fp8 = params[prefix + ".gate_up_proj"].dtype == FP8_DTYPE
+        kinds = (".weight", ".weight" + SCALE) if fp8 else (".weight",)
+        wanted = [(e, p + k) for e in range(n_exp) for p in ("gate_proj", "up_proj", "down_proj") for k in kinds]
+        missing = [(e, p) for e, p in wanted if (e, p) not in seen]
         if missing:
             e, p = missing[0]
-            raise WeightsError(f"missing tensor {prefix}.{e}.{p}.weight (and {len(missing) - 1} more expert tensors)")
+            raise WeightsError(f"missing tensor {prefix}.{e}.{p} (and {len(missing) - 1} more expert tensors)")
         loaded.update({prefix + ".gate_up_proj", prefix + ".down_proj"})
+        if fp8:
+            loaded.update({prefix + ".gate_up_proj" + SCALE, prefix + ".down_proj" + SCALE})
     tied = getattr(model, "config", None) is not None and model.config.tie_word_embeddings
     if tied:
         loaded.add("lm_head.weight")
@@ -71,19 +107,52 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
         raise WeightsError(f"missing tensor {missing[0]!r} in the checkpoint ({len(missing)} missing in all)")
 
 
-def _load_expert(params: dict[str, nn.Parameter], m: re.Match, tensor: torch.Tensor, name: str) -> None:
-    e, proj = int(m["e"]), m["proj"]
-    if proj == "down_proj":
-        param = params.get(m["prefix"] + ".down_proj")
-    else:
-        param = params.get(m["prefix"] + ".gate_up_proj")
+def _block_of(scale: nn.Parameter) -> tuple[int, int]:
+    """The FP8 block size a scale parameter was built for."""
+    return scale.fp8_block
+
+
+def _quantize(t: torch.Tensor, block: tuple[int, int], gate_up: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-quantise a 2-D weight, or fused experts [E, rows, cols] one expert at a time (a gate_up's gate and up
+    halves blocked apart, as the packed scales are)."""
+    if t.dim() == 2:
+        return quantize_block_fp8(t, block)
+    parts = [quantize_block_fp8(half, block) for w in t for half in (w.chunk(2) if gate_up else (w,))]
+    per = 2 if gate_up else 1
+    wq = torch.stack([torch.cat([q for q, _ in parts[i : i + per]]) for i in range(0, len(parts), per)])
+    sc = torch.stack([torch.cat([s for _, s in parts[i : i + per]]) for i in range(0, len(parts), per)])
+    return wq, sc
+
+
+def _load_expert(params: dict[str, nn.Parameter], m: re.Match, tensor: torch.Tensor, name: str) -> list[str]:
+    """Writes one expert's projection (or its FP8 scale) into the packed parameters; returns what arrived."""
+    e, proj, prefix = int(m["e"]), m["proj"], m["prefix"]
+    packed = prefix + (".down_proj" if proj == "down_proj" else ".gate_up_proj")
+    param = params.get(packed)
     if param is None:
         raise WeightsError(f"unexpected tensor {name!r} in the checkpoint (this layer has no routed experts)")
     if e >= param.shape[0]:
         raise WeightsError(f"tensor {name!r}: expert {e} out of range (the model has {param.shape[0]} experts)")
+    fp8 = param.dtype == FP8_DTYPE
+    if m["scale"]:
+        if not fp8:
+            raise WeightsError(f"unexpected FP8 scale {name!r}: the experts of this layer are not FP8")
+        _place(params[packed + SCALE], e, proj, tensor, name)
+        return [proj + ".weight" + SCALE]
     if tuple(tensor.shape) != param.expert_shape:
         raise WeightsError(f"tensor {name!r} has shape {tuple(tensor.shape)}; expected {param.expert_shape}")
-    # Shard one expert through the packed parameter's shard_fn by giving it a leading expert axis of 1.
+    arrived = [proj + ".weight"]
+    if fp8 and tensor.dtype != FP8_DTYPE:  # --quantization fp8: this expert's projection, quantised now
+        tensor, scale = quantize_block_fp8(tensor, _block_of(params[packed + SCALE]))
+        _place(params[packed + SCALE], e, proj, scale, name + SCALE)
+        arrived.append(proj + ".weight" + SCALE)
+    _place(param, e, proj, tensor, name)
+    return arrived
+
+
+def _place(param: nn.Parameter, e: int, proj: str, tensor: torch.Tensor, name: str) -> None:
+    """Copy expert e's gate/up/down tensor (a weight, or an FP8 scale: same layout rules) into its packed rows,
+    through the packed parameter's shard_fn (given a leading expert axis of 1)."""
     if proj == "down_proj":
         local = param.shard_fn(tensor.unsqueeze(0))[0]
         target = param.data[e]

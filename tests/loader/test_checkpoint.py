@@ -153,7 +153,9 @@ def test_fp8_round_trip(tmp_path, max_shard_bytes):
         fp8_skip=_skip_norms,
     )
     config = read_config(tmp_path)
+    kept = config["quantization_config"].pop("modules_to_not_convert")
     assert config == {"x": 1, "quantization_config": FP8_CONFIG}
+    assert "model.embed_tokens" in kept and not any("q_proj" in m for m in kept)
 
     quantised = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.experts.0.down_proj.weight"]
     raw = {}
