@@ -1,6 +1,8 @@
 """`nextserve bench model` on CPU: the tiny preset end to end, the byte / FLOP cost model on a hand-counted
-geometry, the layer slice, the weight-fit check, random-weight scales and transformers on shared weights."""
+geometry, the layer slice, the weight-fit check, random-weight scales, transformers on shared weights, and
+`bench config`'s config.json."""
 
+import dataclasses
 import json
 import math
 
@@ -198,3 +200,23 @@ def test_out_of_memory_point_is_skipped_with_a_note():
     row = bench_model.guarded(oom, m, None, {}, batch=8, context=1024)
     assert row == {"batch": 8, "context": 1024, "skipped": "out of device memory"}
     assert all(a.k_cache is None for a in m.attention_layers())
+
+
+# ---- bench config ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("preset", "layers"), [("qwen3-next-80b-a3b", 12), ("tiny", None)])
+def test_bench_config_round_trip(tmp_path, preset, layers):
+    argv = ["bench", "config", "--preset", preset, "--out", str(tmp_path / "m")]
+    assert cli.main(argv + (["--num-layers", str(layers)] if layers else [])) == 0
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json"]  # no weights, no tokenizer
+    got = ModelConfig.from_pretrained(tmp_path / "m")
+    assert got == dataclasses.replace(preset_config(preset, layers), num_nextn_predict_layers=1)
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert raw["model_type"] == "qwen3_next" and raw["architectures"] == ["Qwen3NextForCausalLM"]
+    assert raw["torch_dtype"] == "bfloat16" and raw["num_nextn_predict_layers"] == 1
+    if preset != "tiny":
+        assert (raw["bos_token_id"], raw["eos_token_id"], raw["pad_token_id"]) == (151643, 151645, 151643)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.Qwen3NextConfig.from_pretrained(tmp_path / "m")
+    assert hf.num_hidden_layers == got.num_hidden_layers and hf.layer_types == list(got.layer_types)
+    for key in ("num_experts", "moe_intermediate_size", "vocab_size", "head_dim", "linear_num_value_heads"):
+        assert getattr(hf, key) == getattr(got, key)
