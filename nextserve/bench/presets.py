@@ -5,16 +5,9 @@
 layers of the 80B are 9 GDN + 3 attention). `param_counts(cfg)` counts every part's parameters from the config alone,
 so the weights' size is known before anything is built (`check_weights_fit`). The roofline's cost model lives here
 too: `decode_bytes` (bytes one decode step must move) and `prefill_flops` (FLOPs of one prefill).
-`init_random_weights(model)` fills a built model in place.
-
-Random scales (what makes the timings representative, not the values):
-  linears, experts, conv     N(0, 1/sqrt(fan_in)): activations keep unit scale through the layers
-  router (mlp.gate)          N(0, router_logit_std/sqrt(H)): logits of unit-RMS inputs get that std, so softmax
-                             over 512 experts puts a trained-router-like share (about half) on the top 10 and
-                             tokens spread over all experts
-  zero-centred RMSNorms      N(0, 0.02) around 0 (gain 1 + w)
-  gated norm (GDN)           N(1, 0.02)
-  A_log, dt_bias             transformers' initialisation: log U(0.01, 16) and 1
+`init_random_weights(model)` fills a built model (bf16 or block-FP8) in place with random weights of realistic
+scales: it is `loader/dummy.py`'s `init_dummy_weights`, the one `--load-format dummy` uses, where the scales are
+listed.
 """
 
 from __future__ import annotations
@@ -26,9 +19,13 @@ import torch
 
 from nextserve.engine.kv_pool import KVLayout
 from nextserve.engine.state_pool import StateLayout
+from nextserve.loader.dummy import init_dummy_weights
 from nextserve.model_config import ModelConfig
 
 GiB = 2**30
+
+# Same function under the name the benchmarks import (bench model's figures come from the same weights).
+init_random_weights = init_dummy_weights
 
 PRESETS: dict[str, dict] = {
     # spec section 1
@@ -224,28 +221,3 @@ def check_weights_fit(cfg: ModelConfig, dtype: torch.dtype, free_bytes: int | No
             "take fewer layers with --num-layers"
         )
     return need
-
-
-@torch.no_grad()
-def init_random_weights(model: torch.nn.Module, seed: int = 0, router_logit_std: float = 2.0) -> None:
-    """Fills every parameter of a built Qwen3NextForCausalLM in place, on its device, in its dtype."""
-    device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    hidden = model.config.hidden_size
-    for name, p in model.named_parameters():
-        if name.endswith("A_log"):
-            # Drawn in fp32 then cast: log U(0.01, 16), as transformers initialises it.
-            p.copy_(torch.empty(p.shape, device=device).uniform_(0.01, 16, generator=g).log_())
-        elif name.endswith("dt_bias"):
-            p.fill_(1.0)
-        elif name.endswith("linear_attn.norm.weight"):
-            p.normal_(1.0, 0.02, generator=g)
-        elif "norm" in name:
-            p.normal_(0.0, 0.02, generator=g)
-        elif name.endswith("mlp.gate.weight"):
-            p.normal_(0.0, router_logit_std / math.sqrt(hidden), generator=g)
-        elif name.endswith("embed_tokens.weight"):
-            p.normal_(0.0, 1.0, generator=g)
-        else:
-            # Linears [out, in], packed experts [E, out, in], conv [C, 1, K]: the last dim is the fan-in.
-            p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)
