@@ -7,9 +7,14 @@ token per sequence at position C (forward + lm_head), timed over --decode-steps 
 Prefill point N: one sequence of N tokens in chunks of --max-num-batched-tokens, as the engine schedules it.
 
 Roofline: copy bandwidth (device-to-device copy, bytes read + written / time) and matmul rate (a square GEMM in
-the run's dtype, 2n^3 / time). Decode floor = bytes a step must read / bandwidth; prefill floor = FLOPs / matmul
-rate. The floors leave work out (GDN recurrence FLOPs, KV writes, activations), so they bound the time from below
-and `fraction` (measured speed / floor speed) should stay at or under about 1.
+the run's dtype, 2n^3 / time; with FP8 also `ops.fp8.linear` on a square block-FP8 weight). Decode floor = bytes a
+step must read / bandwidth, the weights counted as stored (FP8 ones 1 byte per parameter plus fp32 block scales);
+prefill floor = FP8 weights' FLOPs / FP8 rate + the other FLOPs (bf16 weights, attention, lm_head) / matmul rate.
+The floors leave work out (GDN recurrence FLOPs, KV writes, activations), so they bound the time from below and
+`fraction` (measured speed / floor speed) should stay at or under about 1.
+
+`--quantization bf16,fp8` times both models one after the other against the same roofline (the first is freed
+before the second is built); `runs` in the JSON holds one entry per quantization.
 
 Legend: B sequences in a decode step, C context (tokens already cached), N prefill length, E experts, k experts
 per token, P pages per sequence.
@@ -31,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from nextserve.bench.config import hf_config_dict
 from nextserve.bench.presets import (
     PRESETS,
     GiB,
@@ -50,11 +56,17 @@ from nextserve.engine.kv_pool import KVPool
 from nextserve.engine.runner import ModelRunner
 from nextserve.engine.state_pool import StatePool
 from nextserve.forward_batch import ForwardBatch
+from nextserve.layers.quant import Fp8Config
+from nextserve.loader.fp8 import quantize_block_fp8
 from nextserve.model_config import ModelConfig
 from nextserve.models.qwen3_next import Qwen3NextForCausalLM, Qwen3NextSparseMoeBlock
+from nextserve.ops import fp8 as fp8_ops
 
 # Left free beyond the pools of a point for activations; a point that still runs out of memory is noted, not fatal.
 ACTIVATION_RESERVE = 1 * GiB
+
+# --quantization values: the weights' format (bf16: unquantised, in --dtype; fp8: the official checkpoints' rule).
+QUANTIZATIONS = {"bf16": None, "fp8": Fp8Config()}
 
 
 # ---- timing ----------------------------------------------------------------------------------------------------
@@ -78,9 +90,16 @@ def timed(fn, device: torch.device, warmup: int, repeats: int, inner: int = 1) -
     return statistics.median(times)
 
 
-def measure_roofline(device: torch.device, dtype: torch.dtype, copy_bytes: int, gemm_n: int) -> dict[str, float]:
-    """Copy bandwidth (bytes read + written per second) and matmul rate (FLOP/s) of this device."""
-    return {"copy_bandwidth": _copy_bandwidth(device, copy_bytes), "matmul_rate": _matmul_rate(device, dtype, gemm_n)}
+def measure_roofline(
+    device: torch.device, dtype: torch.dtype, copy_bytes: int, gemm_n: int, fp8: bool = False
+) -> dict[str, float]:
+    """Copy bandwidth (bytes read + written per second) and matmul rate (FLOP/s) of this device; with `fp8` also
+    the block-FP8 GEMM's rate (`fp8_matmul_rate`)."""
+    roofline = {"copy_bandwidth": _copy_bandwidth(device, copy_bytes)}
+    roofline["matmul_rate"] = _matmul_rate(device, dtype, gemm_n)
+    if fp8:
+        roofline["fp8_matmul_rate"] = _fp8_matmul_rate(device, dtype, gemm_n)
+    return roofline
 
 
 def _copy_bandwidth(device: torch.device, nbytes: int) -> float:
@@ -98,6 +117,30 @@ def _matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
     return 2 * n**3 / t
 
 
+def _fp8_matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """The model's FP8 GEMM (activations quantised per token per 128 channels, a 128x128-block weight), as the FP8
+    linears call it: the rate includes the activation quantisation they pay too."""
+    block = Fp8Config().block
+    x = torch.randn(n, n, device=device).to(dtype)
+    w, scale = quantize_block_fp8(torch.randn(n, n, device=device) / n**0.5, block)
+    t = timed(lambda: fp8_ops.linear(x, w, scale, block), device, warmup=2, repeats=5, inner=5)
+    return 2 * n**3 / t
+
+
+def fp8_kernel(device: torch.device) -> str:
+    """Which path `ops.fp8.linear` takes on `device` (said beside the FP8 numbers)."""
+    if device.type == "cuda" and fp8_ops.fp8_triton is not None:
+        return "the Triton kernels of ops/fp8_triton.py"
+    return "the torch reference (dequantise, then fp32 matmul)"
+
+
+def prefill_floor_seconds(flops: dict[str, float], roofline: dict[str, float]) -> float:
+    """FP8 weights' FLOPs at the FP8 rate, everything else at the run dtype's matmul rate."""
+    fp8 = flops.get("weights_fp8", 0)
+    seconds = (flops["total"] - fp8) / roofline["matmul_rate"]
+    return seconds + (fp8 / roofline["fp8_matmul_rate"] if fp8 else 0.0)
+
+
 def free_memory(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
@@ -107,9 +150,11 @@ def free_memory(device: torch.device) -> int | None:
 
 
 # ---- the model and its caches -----------------------------------------------------------------------------------
-def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Qwen3NextForCausalLM:
+def build_model(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0, quant: Fp8Config | None = None
+) -> Qwen3NextForCausalLM:
     with torch.device(device):
-        model = Qwen3NextForCausalLM(cfg, dtype=dtype, with_mtp=False)
+        model = Qwen3NextForCausalLM(cfg, dtype=dtype, with_mtp=False, quant=quant)
     init_random_weights(model, seed)
     return model.eval()
 
@@ -197,7 +242,7 @@ def decode_point(model, args, roofline: dict, batch: int, context: int) -> dict:
         host = (ids.tolist(), [context] * batch, fb.state_slots.tolist(), fb.page_table.tolist())
         step = lambda: graphs.run(*host)  # noqa: E731
     t = timed(step, device, args.warmup, args.repeats, inner=args.decode_steps)
-    cost = decode_bytes(cfg, model.dtype, ssm_dtype, batch, context)
+    cost = decode_bytes(cfg, model.dtype, ssm_dtype, batch, context, model.quant)
     floor = batch * roofline["copy_bandwidth"] / cost["total"]
     point |= {"step_ms": t * 1e3, "tokens_per_s": batch / t, "floor_tokens_per_s": floor}
     point |= {"fraction": point["tokens_per_s"] / floor, "bytes": cost}
@@ -230,8 +275,8 @@ def prefill_point(model, args, roofline: dict, length: int) -> dict:
             model.compute_logits(model(ids[s : s + fb.query_lens[0]], fb)[fb.logits_indices]).float()
 
     t = timed(prefill, device, warmup=1, repeats=args.repeats)
-    cost = prefill_flops(cfg, length, chunk)
-    floor = length * roofline["matmul_rate"] / cost["total"]
+    cost = prefill_flops(cfg, length, chunk, model.quant)
+    floor = length / prefill_floor_seconds(cost, roofline)
     point |= {"seconds": t, "tokens_per_s": length / t, "floor_tokens_per_s": floor}
     return point | {"fraction": point["tokens_per_s"] / floor, "flops": cost}
 
@@ -249,28 +294,13 @@ def guarded(fn, model, args, roofline: dict, **point) -> dict:
 
 
 # ---- transformers ----------------------------------------------------------------------------------------------
-_HF_KEYS = (
-    "vocab_size hidden_size num_hidden_layers num_attention_heads num_key_value_heads head_dim linear_num_key_heads "
-    "linear_num_value_heads linear_key_head_dim linear_value_head_dim linear_conv_kernel_dim num_experts "
-    "num_experts_per_tok moe_intermediate_size shared_expert_intermediate_size intermediate_size norm_topk_prob "
-    "decoder_sparse_step rope_theta partial_rotary_factor rms_norm_eps max_position_embeddings tie_word_embeddings "
-    "full_attention_interval bos_token_id"
-).split()
-
-
 def transformers_model(model: Qwen3NextForCausalLM):
     """transformers' Qwen3NextForCausalLM whose parameters share our tensors' storage (no second copy of the
     weights: the names and the packed expert layout [E, 2I, H] / [E, H, I] are the same)."""
     from transformers import Qwen3NextConfig
     from transformers import Qwen3NextForCausalLM as HFModel
 
-    cfg = model.config
-    d = {k: getattr(cfg, k) for k in _HF_KEYS}
-    d |= {"layer_types": list(cfg.layer_types), "mlp_only_layers": list(cfg.mlp_only_layers)}
-    d["eos_token_id"] = list(cfg.eos_token_ids)
-    if cfg.rope_scaling:
-        d["rope_scaling"] = dict(cfg.rope_scaling)
-    hf_cfg = Qwen3NextConfig(**d)
+    hf_cfg = Qwen3NextConfig(**hf_config_dict(model.config))
     hf_cfg._attn_implementation = "sdpa"
     with torch.device("meta"):  # parameters without storage; ours are put in their place
         hf = HFModel(hf_cfg)
@@ -353,6 +383,14 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _quantization_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in QUANTIZATIONS]
+    if not values or bad or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct values from {', '.join(QUANTIZATIONS)}, got {text!r}")
+    return values
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="qwen3-next-80b-a3b", choices=sorted(PRESETS), help="model geometry")
     parser.add_argument("--num-layers", type=int, default=None, help="first N layers (a multiple of 4)")
@@ -362,6 +400,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="prefill chunk size")
     parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
+    parser.add_argument(
+        "--quantization",
+        type=_quantization_list,
+        default=["bf16"],
+        help="weight format: bf16 (unquantised, in --dtype), fp8 (128x128 block-FP8 as the official FP8 checkpoints), "
+        "or a comma list such as bf16,fp8 to time each in turn against the same roofline",
+    )
     parser.add_argument("--mamba-ssm-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--decode-steps", type=int, default=10, help="decode steps per timed repetition")
@@ -412,30 +457,16 @@ def _git_revision() -> str | None:
     return out.stdout.strip() or None
 
 
-def run(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    cfg = preset_config(args.preset, args.num_layers)
-    _check(args, cfg)
-    weight_bytes = check_weights_fit(cfg, dtype, free_memory(device), args.preset)  # before building anything
-    cuda = device.type == "cuda"
-    device_name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
-    print(
-        f"bench model: {args.preset}, {cfg.num_hidden_layers} layers ({len(cfg.linear_attention_layers)} GDN + "
-        f"{len(cfg.full_attention_layers)} attention), {weight_bytes / GiB:.2f} GiB of weights, "
-        f"{str(dtype).removeprefix('torch.')} on {device} ({device_name})"
-    )
-    roofline = measure_roofline(device, dtype, copy_bytes=GiB if cuda else 32 * 2**20, gemm_n=8192 if cuda else 256)
-    print(
-        f"roofline: copy {roofline['copy_bandwidth'] / 1e9:.1f} GB/s, "
-        f"{str(dtype).removeprefix('torch.')} matmul {roofline['matmul_rate'] / 1e12:.3g} TFLOP/s"
-    )
+def run_model(cfg: ModelConfig, args: argparse.Namespace, device, dtype, quantization: str, roofline: dict) -> dict:
+    """Builds the model in one format, times every point, and returns the run (the model is freed on return)."""
+    args = argparse.Namespace(**vars(args))  # cuda_graph may be turned off for this model alone
+    quant = QUANTIZATIONS[quantization]
     torch.manual_seed(args.seed)
-    model = build_model(cfg, device, dtype, args.seed)
+    model = build_model(cfg, device, dtype, args.seed, quant)
     notes: list[str] = []
     if args.cuda_graph and (reason := supports_graphs(model, device)) is not None:
         args.cuda_graph = False
-        notes.append(f"decode ran without CUDA graphs: {reason}")
+        notes.append(f"{quantization}: decode ran without CUDA graphs: {reason}")
     with torch.inference_mode():
         decode = [
             guarded(decode_point, model, args, roofline, batch=b, context=c)
@@ -443,13 +474,54 @@ def run(args: argparse.Namespace) -> int:
             for b in args.batch_sizes
         ]
         prefill = [guarded(prefill_point, model, args, roofline, length=n) for n in args.prefill_lens]
-        hf = compare_transformers(model, args, roofline, decode, notes) if args.compare_transformers else []
+        hf = []
+        if args.compare_transformers and quant is not None:
+            # transformers' model would need its own FP8 weights: it shares ours only in bf16.
+            notes.append(f"{quantization}: transformers comparison skipped (it runs on the bf16 model only)")
+        elif args.compare_transformers:
+            hf = compare_transformers(model, args, roofline, decode, notes)
+    run = {"quantization": quantization, "cuda_graph": args.cuda_graph}
+    run |= {"weight_bytes": check_weights_fit(cfg, dtype, None, quant=quant), "decode": decode, "prefill": prefill}
+    return run | {"transformers": hf, "notes": notes}
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    cfg = preset_config(args.preset, args.num_layers)
+    _check(args, cfg)
+    # Each model must fit alone (the first is freed before the second is built); checked before building anything.
+    free = free_memory(device)
+    weights = {q: check_weights_fit(cfg, dtype, free, args.preset, QUANTIZATIONS[q]) for q in args.quantization}
+    cuda = device.type == "cuda"
+    device_name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    dtype_name = str(dtype).removeprefix("torch.")
+    sizes = ", ".join(f"{q} {b / GiB:.2f} GiB" for q, b in weights.items())
+    print(
+        f"bench model: {args.preset}, {cfg.num_hidden_layers} layers ({len(cfg.linear_attention_layers)} GDN + "
+        f"{len(cfg.full_attention_layers)} attention), weights {sizes}, {dtype_name} on {device} ({device_name})"
+    )
+    fp8 = any(QUANTIZATIONS[q] is not None for q in args.quantization)
+    roofline = measure_roofline(
+        device, dtype, copy_bytes=GiB if cuda else 32 * 2**20, gemm_n=8192 if cuda else 256, fp8=fp8
+    )
+    line = f"roofline: copy {roofline['copy_bandwidth'] / 1e9:.1f} GB/s, {dtype_name} matmul "
+    line += f"{roofline['matmul_rate'] / 1e12:.3g} TFLOP/s"
+    notes: list[str] = []
+    if fp8:
+        line += f", block-FP8 matmul {roofline['fp8_matmul_rate'] / 1e12:.3g} TFLOP/s"
+        notes.append(f"FP8 GEMMs through {fp8_kernel(device)}")
+    print(line)
+    runs = []
+    for q in args.quantization:
+        runs.append(run_model(cfg, args, device, dtype, q, roofline))
+        free_memory(device)  # the model went with run_model's frame: hand its memory back before the next one
     result = {
         "preset": args.preset,
         "num_layers": cfg.num_hidden_layers,
         "device": str(device),
         "device_name": device_name,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name,
         "mamba_ssm_dtype": args.mamba_ssm_dtype,
         "torch_version": torch.__version__,
         "git_revision": _git_revision(),
@@ -458,14 +530,14 @@ def run(args: argparse.Namespace) -> int:
         "page_size": args.page_size,
         "cuda_graph": args.cuda_graph,
         "max_num_batched_tokens": args.max_num_batched_tokens,
-        "weight_bytes": weight_bytes,
         "params": dataclasses.asdict(param_counts(cfg)),
         "roofline": roofline,
-        "decode": decode,
-        "prefill": prefill,
-        "transformers": hf,
-        "notes": notes,
     }
+    if len(runs) == 1:  # one format: the run's keys at the top level, as before --quantization existed
+        (only,) = runs
+        result |= only | {"notes": notes + only["notes"]}
+    else:
+        result |= {"runs": runs, "notes": notes + [n for r in runs for n in r["notes"]]}
     print_table(result)
     if args.output_json:
         with open(args.output_json, "w") as f:
@@ -473,20 +545,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _point_name(p: dict) -> str:
+    return f"decode B={p['batch']} C={p['context']}" if "batch" in p else f"prefill N={p['length']}"
+
+
 def print_table(result: dict) -> None:
-    rows = [(f"decode B={p['batch']} C={p['context']}", p) for p in result["decode"]]
-    rows += [(f"prefill N={p['length']}", p) for p in result["prefill"]]
-    print(f"\n{'point':<28}{'tokens/s':>12}{'floor tok/s':>14}{'fraction':>10}")
-    for name, p in rows:
-        if "skipped" in p:
-            print(f"{name:<28}  skipped: {p['skipped']}")
-        else:
-            print(f"{name:<28}{p['tokens_per_s']:>12.1f}{p['floor_tokens_per_s']:>14.1f}{p['fraction']:>10.3f}")
-    for p in result["transformers"]:
-        name = f"transformers B=1 C={p['context']}"
-        if "skipped" in p:
-            print(f"{name:<28}  skipped: {p['skipped']}")
-        else:
-            print(f"{name:<28}{p['tokens_per_s']:>12.1f}  nextserve {p['speedup']:.2f}x faster")
+    runs = result.get("runs") or [result]
+    for run in runs:
+        if "runs" in result:
+            print(f"\n{run['quantization']}: {run['weight_bytes'] / GiB:.2f} GiB of weights")
+        print(f"\n{'point':<28}{'tokens/s':>12}{'floor tok/s':>14}{'fraction':>10}")
+        for p in run["decode"] + run["prefill"]:
+            name = _point_name(p)
+            if "skipped" in p:
+                print(f"{name:<28}  skipped: {p['skipped']}")
+            else:
+                print(f"{name:<28}{p['tokens_per_s']:>12.1f}{p['floor_tokens_per_s']:>14.1f}{p['fraction']:>10.3f}")
+        for p in run["transformers"]:
+            name = f"transformers B=1 C={p['context']}"
+            if "skipped" in p:
+                print(f"{name:<28}  skipped: {p['skipped']}")
+            else:
+                print(f"{name:<28}{p['tokens_per_s']:>12.1f}  nextserve {p['speedup']:.2f}x faster")
+    by_format = {run["quantization"]: run for run in runs}
+    if "bf16" in by_format and "fp8" in by_format:
+        print(f"\n{'fp8 / bf16':<28}{'speed':>12}{'floor':>14}")
+        bf16, fp8 = (by_format[q]["decode"] + by_format[q]["prefill"] for q in ("bf16", "fp8"))
+        for old, new in zip(bf16, fp8):
+            if "skipped" not in old and "skipped" not in new:
+                speed = new["tokens_per_s"] / old["tokens_per_s"]
+                floor = new["floor_tokens_per_s"] / old["floor_tokens_per_s"]
+                print(f"{_point_name(new):<28}{speed:>11.2f}x{floor:>13.2f}x")
     for note in result["notes"]:
         print(f"note: {note}")

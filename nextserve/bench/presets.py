@@ -3,8 +3,10 @@
 `preset_config(name, num_layers)` returns the ModelConfig of a named geometry, optionally cut to its first
 `num_layers` layers (a multiple of the full-attention interval, so the 3 GDN : 1 attention pattern is kept: 12
 layers of the 80B are 9 GDN + 3 attention). `param_counts(cfg)` counts every part's parameters from the config alone,
-so the weights' size is known before anything is built (`check_weights_fit`). The roofline's cost model lives here
-too: `decode_bytes` (bytes one decode step must move) and `prefill_flops` (FLOPs of one prefill).
+and `weight_bytes(cfg, dtype, quant)` reads the bytes each part is stored in (bf16, or block-FP8 with its scales) off a
+build on the meta device, so the weights' size is known before anything is allocated (`check_weights_fit`). The
+roofline's cost model lives here too: `decode_bytes` (bytes one decode step must move) and `prefill_flops` (FLOPs
+of one prefill, with the share that runs at the FP8 rate).
 `init_random_weights(model)` fills a built model (bf16 or block-FP8) in place with random weights of realistic
 scales: it is `loader/dummy.py`'s `init_dummy_weights`, the one `--load-format dummy` uses, where the scales are
 listed.
@@ -19,8 +21,11 @@ import torch
 
 from nextserve.engine.kv_pool import KVLayout
 from nextserve.engine.state_pool import StateLayout
+from nextserve.layers.quant import Fp8Config
 from nextserve.loader.dummy import init_dummy_weights
+from nextserve.loader.fp8 import FP8_DTYPE
 from nextserve.model_config import ModelConfig
+from nextserve.models.qwen3_next import Qwen3NextExperts, Qwen3NextForCausalLM
 
 GiB = 2**30
 
@@ -161,6 +166,64 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     )
 
 
+@dataclass(frozen=True)
+class WeightBytes:
+    """Bytes of one geometry's weights by part as the model stores them (single rank, no MTP head): FP8 weights
+    1 byte per parameter plus their fp32 block scales, every other parameter in the model dtype. `*_fp8` count the
+    parameters of FP8 weights in that part (their matmuls run at the FP8 rate)."""
+
+    embed: int
+    lm_head: int  # 0 when tied to the embedding
+    dense: int  # everything else except the routed experts (see ParamCounts)
+    expert: int  # one routed expert of one layer, its share of the packed block scales included
+    num_experts: int
+    num_moe_layers: int
+    dense_fp8: int
+    expert_fp8: int
+
+    @property
+    def routed(self) -> int:
+        return self.num_moe_layers * self.num_experts * self.expert
+
+    @property
+    def total(self) -> int:
+        return self.embed + self.lm_head + self.dense + self.routed
+
+
+def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, quant: Fp8Config | None = None) -> WeightBytes:
+    """Reads the parts' bytes off a build of Qwen3NextForCausalLM(cfg, with_mtp=False) on the meta device (no
+    storage; a few tens of ms for all 48 layers of the 80B)."""
+    # NOTE: read from the model, not counted from the config as param_counts does: which modules are FP8 (the rule
+    # in layers/quant.py, or a checkpoint's own list) and the scales' shapes (partial blocks, the experts' packed
+    # gate|up scales) live in the model, and a second copy of those rules here would drift from it.
+    with torch.device("meta"):
+        model = Qwen3NextForCausalLM(cfg, dtype=dtype, with_mtp=False, quant=quant)
+    size = dict.fromkeys(("embed", "lm_head", "dense", "routed"), 0)
+    fp8 = dict.fromkeys(size, 0)
+    for name, p in model.named_parameters():  # a tied lm_head is the embedding's tensor: listed once, as embed
+        part = "dense"
+        if name.startswith("model.embed_tokens."):
+            part = "embed"
+        elif name.startswith("lm_head."):
+            part = "lm_head"
+        elif ".mlp.experts." in name:
+            part = "routed"
+        size[part] += p.numel() * p.element_size()
+        fp8[part] += p.numel() if p.dtype == FP8_DTYPE else 0
+    num_moe = sum(isinstance(m, Qwen3NextExperts) for m in model.modules())
+    per_layer = num_moe * cfg.num_experts
+    return WeightBytes(
+        embed=size["embed"],
+        lm_head=size["lm_head"],
+        dense=size["dense"],
+        expert=size["routed"] // per_layer if per_layer else 0,
+        num_experts=cfg.num_experts,
+        num_moe_layers=num_moe,
+        dense_fp8=fp8["dense"],
+        expert_fp8=fp8["routed"] // per_layer if per_layer else 0,
+    )
+
+
 # ---- cost model: bytes and FLOPs ----------------------------------------------------------------------------------
 def expected_experts(num_experts: int, top_k: int, tokens: int) -> float:
     """Distinct experts that `tokens` tokens touch in one MoE layer when each picks k of E uniformly."""
@@ -185,39 +248,53 @@ def state_layout(cfg: ModelConfig, dtype: torch.dtype, ssm_dtype: torch.dtype) -
 
 
 def decode_bytes(
-    cfg: ModelConfig, dtype: torch.dtype, ssm_dtype: torch.dtype, batch: int, context: int
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    ssm_dtype: torch.dtype,
+    batch: int,
+    context: int,
+    quant: Fp8Config | None = None,
 ) -> dict[str, float]:
-    """Bytes one decode step must move: the weights it touches (all but the routed experts, the experts the batch
-    hits, lm_head, B embedding rows), the KV of B x C cached tokens, and every state slot read and written."""
-    n, item = param_counts(cfg), dtype.itemsize
-    experts = n.num_moe_layers * expected_experts(n.num_experts, cfg.num_experts_per_tok, batch) * n.expert
-    weights = (n.dense + n.lm_head + experts + batch * cfg.hidden_size) * item
+    """Bytes one decode step must move: the weights it touches as stored (all but the routed experts, the experts
+    the batch hits, lm_head, B embedding rows; FP8 ones with their scales), the KV of B x C cached tokens, and every
+    state slot read and written."""
+    w = weight_bytes(cfg, dtype, quant)
+    experts = w.num_moe_layers * expected_experts(w.num_experts, cfg.num_experts_per_tok, batch) * w.expert
+    weights = w.dense + w.lm_head + experts + batch * w.embed / cfg.vocab_size
     kv_per_token = kv_layout(cfg, 1, dtype).page_bytes
     kv = batch * context * kv_per_token
     state = 2 * batch * state_layout(cfg, dtype, ssm_dtype).slot_bytes
     return {"weights": weights, "kv": kv, "state": state, "total": weights + kv + state}
 
 
-def prefill_flops(cfg: ModelConfig, length: int, chunk: int) -> dict[str, float]:
+def prefill_flops(cfg: ModelConfig, length: int, chunk: int, quant: Fp8Config | None = None) -> dict[str, float]:
     """FLOPs of prefilling one sequence: 2 x active parameters per token (k routed experts + the shared one), the
     causal attention (4 x keys x Hq x D per token per attention layer; token p sees p + 1 keys), and lm_head at
-    the last token of each chunk."""
+    the last token of each chunk. `weights_fp8` is the part of `weights` whose weights are FP8 (with `quant`)."""
     n = param_counts(cfg)
     per_token = n.dense + n.num_moe_layers * cfg.num_experts_per_tok * n.expert
     weights = 2 * per_token * length
+    weights_fp8 = 0
+    if quant is not None:
+        w = weight_bytes(cfg, torch.bfloat16, quant)  # the dtype does not change which weights are FP8
+        weights_fp8 = 2 * (w.dense_fp8 + w.num_moe_layers * cfg.num_experts_per_tok * w.expert_fp8) * length
     keys = length * (length + 1) // 2  # sum over tokens of the keys each one attends to
     attention = len(cfg.full_attention_layers) * 4 * keys * cfg.num_attention_heads * cfg.head_dim
     lm_head = 2 * cfg.hidden_size * cfg.vocab_size * math.ceil(length / chunk)
-    return {"weights": weights, "attention": attention, "lm_head": lm_head, "total": weights + attention + lm_head}
+    total = weights + attention + lm_head
+    return {"weights": weights, "weights_fp8": weights_fp8, "attention": attention, "lm_head": lm_head, "total": total}
 
 
-def check_weights_fit(cfg: ModelConfig, dtype: torch.dtype, free_bytes: int | None, preset: str = "") -> int:
-    """The weights' bytes, from the config alone; ValueError when they exceed `free_bytes` (None: unchecked)."""
-    need = param_counts(cfg).total * dtype.itemsize
+def check_weights_fit(
+    cfg: ModelConfig, dtype: torch.dtype, free_bytes: int | None, preset: str = "", quant: Fp8Config | None = None
+) -> int:
+    """The weights' bytes as stored (FP8 ones with their scales), before anything is allocated; ValueError when
+    they exceed `free_bytes` (None: unchecked)."""
+    need = weight_bytes(cfg, dtype, quant).total
     if free_bytes is not None and need > free_bytes:
+        what = "block-FP8" if quant is not None else str(dtype).removeprefix("torch.")
         raise ValueError(
             f"{preset or 'the model'} with {cfg.num_hidden_layers} layers needs {need / GiB:.1f} GiB of weights in "
-            f"{str(dtype).removeprefix('torch.')}, but the device has {free_bytes / GiB:.1f} GiB free; "
-            "take fewer layers with --num-layers"
+            f"{what}, but the device has {free_bytes / GiB:.1f} GiB free; take fewer layers with --num-layers"
         )
     return need

@@ -1,10 +1,12 @@
-"""`nextserve bench model` on CPU: the tiny preset end to end, the byte / FLOP cost model on a hand-counted
-geometry, the layer slice, the weight-fit check, random-weight scales, transformers on shared weights, and
-`bench config`'s config.json."""
+"""`nextserve bench model` on CPU: the tiny preset end to end (bf16, fp8, both in one run), the byte / FLOP cost
+model on a hand-counted geometry (bf16 and block-FP8), the layer slice, the weight-fit check, random-weight scales,
+transformers on shared weights, and `bench config`'s config.json."""
 
 import dataclasses
+import gc
 import json
 import math
+import weakref
 
 import pytest
 import torch
@@ -18,8 +20,11 @@ from nextserve.bench.presets import (
     param_counts,
     prefill_flops,
     preset_config,
+    weight_bytes,
 )
+from nextserve.engine import memory
 from nextserve.forward_batch import ForwardBatch
+from nextserve.layers.quant import Fp8Config
 from nextserve.model_config import ModelConfig
 from nextserve.models.qwen3_next import Qwen3NextForCausalLM
 
@@ -200,6 +205,128 @@ def test_out_of_memory_point_is_skipped_with_a_note():
     row = bench_model.guarded(oom, m, None, {}, batch=8, context=1024)
     assert row == {"batch": 8, "context": 1024, "skipped": "out of device memory"}
     assert all(a.k_cache is None for a in m.attention_layers())
+
+
+# ---- block-FP8 ----------------------------------------------------------------------------------------------------
+def test_fp8_bytes_and_flops_by_hand():
+    cfg, fp8 = ModelConfig.from_dict(HAND), Fp8Config()
+    # Kept in the model dtype (fp32 here): router 4*16, shared gates 4*4, in_proj_ba 3*16, layer norms 4*8 + final
+    # 4, q/k norms 4, gated norms 3*2, conv 3*32, A_log and dt_bias 3*4 = 282 of the 778 dense parameters. FP8:
+    # the other 496, each of their 22 weights (attention 4, GDN 2 per layer, shared expert 3 per layer) one partial
+    # 128x128 block, so one fp32 scale each.
+    w = weight_bytes(cfg, torch.float32, fp8)
+    assert (w.dense_fp8, w.dense) == (496, 282 * 4 + 496 + 22 * 4)
+    # One expert: gate|up [6, 4] + down [4, 3] in FP8, gate, up and down blocked apart: 3 scales.
+    assert (w.expert_fp8, w.expert) == (36, 36 + 3 * 4)
+    assert (w.embed, w.lm_head) == (40 * 4, 40 * 4)
+    b = decode_bytes(cfg, torch.float32, torch.float32, batch=2, context=5, quant=fp8)
+    assert b["weights"] == pytest.approx(w.dense + 160 + 4 * 3 * 48 + 2 * 4 * 4)  # 3 experts hit, 2 fp32 rows
+    assert b["kv"] == 2 * 5 * 16  # the cache stays in the model dtype
+    f = prefill_flops(cfg, length=6, chunk=4, quant=fp8)
+    assert f["weights"] == prefill_flops(cfg, length=6, chunk=4)["weights"]  # the same FLOPs, part at the FP8 rate
+    assert f["weights_fp8"] == 2 * (496 + 4 * 2 * 36) * 6
+    assert prefill_flops(cfg, length=6, chunk=4)["weights_fp8"] == 0
+
+
+def test_fp8_decode_bytes_of_the_80b_against_a_meta_build():
+    cfg, fp8 = preset_config("qwen3-next-80b-a3b"), Fp8Config()
+    with torch.device("meta"):
+        built = Qwen3NextForCausalLM(cfg, dtype=torch.bfloat16, with_mtp=False, quant=fp8)
+    stored = sum(p.numel() * p.element_size() for p in built.parameters())
+    assert weight_bytes(cfg, torch.bfloat16, fp8).total == stored
+    assert memory.weight_bytes(cfg, torch.bfloat16, False, fp8) == stored  # the engine's fit check agrees
+    # The same figure by hand: every parameter in bf16, minus a byte per FP8 parameter, plus 4 per block scale.
+    n = param_counts(cfg)
+    kept = 2 * n.embed + 48 * (2048 * 512 + 2048)  # embedding, lm_head, router, shared_expert_gate
+    kept += 36 * (2048 * 64 + 8192 * 4 + 32 + 32 + 128)  # in_proj_ba, conv1d, A_log, dt_bias, gated norm
+    kept += 48 * 2 * 2048 + 2048 + 12 * 2 * 256  # RMSNorms
+    scales = 12 * (64 * 16 + 2 * 4 * 16 + 16 * 32) + 36 * (96 * 16 + 16 * 32)  # attention; GDN qkvz, out
+    scales += 48 * (512 * (8 * 16 + 16 * 4) + 2 * 4 * 16 + 16 * 4)  # routed experts; shared expert
+    assert stored == 2 * n.total - (n.total - kept) + 4 * scales
+    assert 74 * 2**30 < stored < 76 * 2**30  # the FP8 release: about 80 GB
+    # Batch 1, weights only (the KV and the fp32 state are the same in both): FP8 reads a bit over half the bytes,
+    # lm_head and the embedding row staying bf16.
+    ratio = (
+        decode_bytes(cfg, torch.bfloat16, torch.float32, 1, 1024, fp8)["weights"]
+        / decode_bytes(cfg, torch.bfloat16, torch.float32, 1, 1024)["weights"]
+    )
+    assert 0.45 < ratio < 0.6
+
+
+def test_weight_fit_counts_fp8_bytes():
+    cfg, h200 = preset_config("qwen3-next-80b-a3b"), 141 * 10**9
+    fp8 = weight_bytes(cfg, torch.bfloat16, Fp8Config()).total
+    assert check_weights_fit(cfg, torch.bfloat16, h200, quant=Fp8Config()) == fp8
+    with pytest.raises(ValueError, match=r"48 layers needs 148\.4 GiB of weights in bfloat16"):
+        check_weights_fit(cfg, torch.bfloat16, h200)
+    with pytest.raises(ValueError, match=r"needs 74\.9 GiB of weights in block-FP8.*70\.0 GiB free"):
+        check_weights_fit(cfg, torch.bfloat16, 70 * 2**30, quant=Fp8Config())
+
+
+def _small_run(tmp_path, *extra: str) -> dict:
+    out = tmp_path / "model.json"
+    argv = ["bench", "model", "--preset", "tiny", "--device", "cpu", "--contexts", "8", "--prefill-lens", "20"]
+    argv += ["--max-num-batched-tokens", "16", "--decode-steps", "1", "--repeats", "1", "--warmup", "0"]
+    assert cli.main([*argv, *extra, "--output-json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def _check_points(r: dict, quant: Fp8Config | None, roofline: dict) -> None:
+    cfg = preset_config("tiny")
+    for p in r["decode"] + r["prefill"]:
+        assert "skipped" not in p
+        for key in ("tokens_per_s", "floor_tokens_per_s", "fraction"):
+            assert math.isfinite(p[key]) and p[key] > 0
+        assert p["fraction"] == pytest.approx(p["tokens_per_s"] / p["floor_tokens_per_s"])
+    d = r["decode"][-1]
+    assert d["bytes"] == pytest.approx(decode_bytes(cfg, torch.float32, torch.float32, d["batch"], 8, quant))
+    assert d["floor_tokens_per_s"] == pytest.approx(d["batch"] * roofline["copy_bandwidth"] / d["bytes"]["total"])
+    p = r["prefill"][0]
+    fp8 = p["flops"]["weights_fp8"]
+    seconds = (p["flops"]["total"] - fp8) / roofline["matmul_rate"]
+    seconds += fp8 / roofline["fp8_matmul_rate"] if quant is not None else 0
+    assert p["floor_tokens_per_s"] == pytest.approx(20 / seconds)
+    assert r["weight_bytes"] == weight_bytes(cfg, torch.float32, quant).total
+
+
+def test_tiny_fp8_end_to_end(tmp_path, capsys):
+    r = _small_run(tmp_path, "--batch-sizes", "1,2", "--quantization", "fp8", "--compare-transformers")
+    assert r["quantization"] == "fp8" and "runs" not in r and "--quantization fp8" in r["command"]
+    assert math.isfinite(r["roofline"]["fp8_matmul_rate"]) and r["roofline"]["fp8_matmul_rate"] > 0
+    _check_points(r, Fp8Config(), r["roofline"])
+    assert r["prefill"][0]["flops"]["weights_fp8"] > 0
+    assert r["transformers"] == [] and any("transformers comparison skipped" in n for n in r["notes"])
+    assert "block-FP8 matmul" in capsys.readouterr().out
+
+
+def test_bf16_and_fp8_in_one_run(tmp_path, monkeypatch, capsys):
+    built, build = [], bench_model.build_model
+
+    def build_after_the_last_is_freed(*args, **kwargs):
+        gc.collect()
+        assert all(ref() is None for ref in built), "the previous model is still alive"
+        model = build(*args, **kwargs)
+        built.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(bench_model, "build_model", build_after_the_last_is_freed)
+    r = _small_run(tmp_path, "--batch-sizes", "2", "--quantization", "bf16,fp8")
+    assert len(built) == 2 and [run["quantization"] for run in r["runs"]] == ["bf16", "fp8"]
+    assert "decode" not in r and "--quantization bf16,fp8" in r["command"]
+    for run, quant in zip(r["runs"], (None, Fp8Config())):
+        _check_points(run, quant, r["roofline"])  # one roofline for both
+    bf16, fp8 = r["runs"]
+    assert fp8["weight_bytes"] < bf16["weight_bytes"]
+    assert fp8["decode"][0]["bytes"]["weights"] < bf16["decode"][0]["bytes"]["weights"]
+    table = capsys.readouterr().out
+    assert "fp8 / bf16" in table and table.count("decode B=2 C=8") == 3  # each run's row, then the ratio's
+
+
+def test_quantization_flag_is_checked():
+    assert bench_model._quantization_list("bf16, fp8") == ["bf16", "fp8"]
+    for bad in ("int4", "fp8,fp8", ""):
+        with pytest.raises(Exception, match="expected distinct values"):
+            bench_model._quantization_list(bad)
 
 
 # ---- bench config ---------------------------------------------------------------------------------------------------
