@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nextserve.ops import fp8
+
 try:  # Triton kernels (decode and prefill paths); absent on CPU-only installs.
     from nextserve.ops import moe_grouped_triton, moe_triton
 except ImportError:
@@ -35,14 +37,25 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
 
 
 def fused_experts(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """sum_k weights[n,k] * expert_{ids[n,k]}(x[n]) for every token.
 
     On CUDA up to SMALL_BATCH_MAX tokens: Triton GEMV kernels (moe_triton.py). Larger bf16/fp16 batches on CUDA:
     one grouped GEMM per projection over the (token, expert) pairs sorted by expert. Neither syncs with the host.
     Elsewhere (and for the fp32 parity tests): the reference loop over the hit experts.
+    Block-FP8 experts (w13_scale, w2_scale, block; see ops/fp8.py): the same two Triton paths with fp8 weights
+    where they take the block size, else `fp8.experts_reference`.
     """
+    if w13_scale is not None:
+        return _fused_experts_fp8(x, w13, w2, weights, ids, w13_scale, w2_scale, block)
     if x.is_cuda and moe_triton is not None and x.shape[0] <= SMALL_BATCH_MAX:
         return moe_triton.fused_experts(x, w13, w2, weights, ids)
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
@@ -53,20 +66,39 @@ def fused_experts(
     return experts_reference(x, w13, w2, weights, ids)
 
 
-def _grouped_triton(w2: torch.Tensor) -> bool:
-    """Whether larger batches go to the Triton grouped kernels: selected, and their tiles divide the expert sizes."""
+def _fused_experts_fp8(x, w13, w2, weights, ids, w13_scale, w2_scale, block) -> torch.Tensor:
+    if x.is_cuda and moe_triton is not None and moe_triton.fp8_triton.supports(block):
+        if x.shape[0] <= SMALL_BATCH_MAX:
+            return moe_triton.fused_experts(
+                x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale, block=block
+            )
+        if x.dtype in (torch.bfloat16, torch.float16) and _grouped_triton(w2, block):
+            return moe_grouped_triton.grouped_experts(
+                x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale, block=block
+            )
+    return fp8.experts_reference(x, w13, w13_scale, w2, w2_scale, weights, ids, block)
+
+
+def _grouped_triton(w2: torch.Tensor, block: tuple[int, int] | None = None) -> bool:
+    """Whether larger batches go to the Triton grouped kernels: selected, and their tiles divide the expert sizes
+    (block: of the block-FP8 variant)."""
     grouped = moe_grouped_triton
-    return LARGE_BATCH_KERNEL == "triton" and grouped is not None and grouped.supports(*w2.shape[1:])
+    return LARGE_BATCH_KERNEL == "triton" and grouped is not None and grouped.supports(*w2.shape[1:], block)
 
 
-def fused_block(x: torch.Tensor, w2: torch.Tensor, shared_down: torch.Tensor) -> bool:
+def fused_block(
+    x: torch.Tensor, w2: torch.Tensor, shared_down: torch.Tensor, block: tuple[int, int] | None = None
+) -> bool:
     """Whether `moe_block` serves x. Up to SMALL_BATCH_MAX tokens on CUDA: when the shared expert is as wide as a
-    routed one (it rides along as one more slot). Larger batches: bf16/fp16 with the Triton grouped kernels."""
+    routed one (it rides along as one more slot). Larger batches: bf16/fp16 with the Triton grouped kernels.
+    block: the experts (and the shared expert) are block FP8 with this block size."""
     if not x.is_cuda or moe_triton is None:
+        return False
+    if block is not None and not moe_triton.fp8_triton.supports(block):
         return False
     if x.shape[0] <= SMALL_BATCH_MAX:
         return shared_down.shape[1] == w2.shape[2]
-    return x.dtype in (torch.bfloat16, torch.float16) and _grouped_triton(w2)
+    return x.dtype in (torch.bfloat16, torch.float16) and _grouped_triton(w2, block)
 
 
 def moe_block(
@@ -77,20 +109,36 @@ def moe_block(
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     top_k: int,
     renormalize: bool,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    shared_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The whole sparse MoE block on CUDA (where `fused_block` says so), without host syncs. One GEMM gives the
     router logits and the shared expert's gate logit together (router_weight [E+1+pad, H]: the gate's row at E,
     zero rows after), then the routing kernel. Then, for up to SMALL_BATCH_MAX tokens, two expert GEMV kernels in
     which the shared expert (gate_proj, up_proj, down_proj) is one more slot per token: four launches in all. For
     larger batches, the shared MLP (gate and up GEMMs, SiLU·mul, down GEMM) and the two grouped kernels, whose
-    combine also adds the gated shared output: thirteen launches."""
+    combine also adds the gated shared output: thirteen launches.
+    Block FP8 (w13_scale, w2_scale, and shared_scales for the shared expert's three projections, block): the same
+    launches with fp8 weights (the shared MLP's GEMMs through `fp8.linear`; the router stays bf16)."""
+    if (w13_scale is None) != (shared_scales is None):
+        raise ValueError("block-FP8 MoE block: the routed and the shared experts must both be FP8 (or neither)")
     logits = F.linear(x, router_weight)
     weights, ids, gate = moe_triton.route(logits, top_k, renormalize, num_experts=w13.shape[0])
+    scales = dict(w13_scale=w13_scale, w2_scale=w2_scale, block=block) if w13_scale is not None else {}
     if x.shape[0] <= SMALL_BATCH_MAX:
-        return moe_triton.fused_experts(x, w13, w2, weights, ids, shared=(*shared, gate))
+        return moe_triton.fused_experts(
+            x, w13, w2, weights, ids, shared=(*shared, gate), shared_scales=shared_scales, **scales
+        )
     gate_w, up_w, down_w = shared
-    s = F.linear(moe_triton.silu_mul(F.linear(x, gate_w), F.linear(x, up_w)), down_w)
-    return moe_grouped_triton.grouped_experts(x, w13, w2, weights, ids, shared=(s, gate))
+    if shared_scales is None:
+        s = F.linear(moe_triton.silu_mul(F.linear(x, gate_w), F.linear(x, up_w)), down_w)
+    else:
+        gs, us, ds = shared_scales
+        h = moe_triton.silu_mul(fp8.linear(x, gate_w, gs, block), fp8.linear(x, up_w, us, block))
+        s = fp8.linear(h, down_w, ds, block)
+    return moe_grouped_triton.grouped_experts(x, w13, w2, weights, ids, shared=(s, gate), **scales)
 
 
 def grouped_experts(

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nextserve.ops import moe_triton
+from nextserve.ops import fp8_triton, moe_triton
+from nextserve.ops.fp8_triton import dot_fp8, quantize_tile, round_to
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -29,6 +30,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BLOCK_M = 128
 GATE_UP_TILE = dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
 DOWN_TILE = dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+# Block FP8: BLOCK_K = 128 (one activation and one weight scale per K tile); the gate_up tile's BLOCK_N = 128 is one
+# quantisation group of the intermediate, which its epilogue quantises (fp8 act + scales for the down kernel).
+# Measured on an H100 at 8K tokens x top-10 (nextserve/bench/fp8_kernels.py).
+BLOCK_M_FP8 = 64
+GATE_UP_TILE_FP8 = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+DOWN_TILE_FP8 = dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -116,7 +123,10 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 def _gate_up_kernel(
     x_ptr, w13_ptr, rows_ptr, block_expert_ptr, act_ptr, H, I, K_TOP,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    xs_ptr=None, ws_ptr=None, acts_ptr=None, FP8: tl.constexpr = False, F16: tl.constexpr = False,
 ):  # fmt: skip
+    """FP8: x is fp8 with scales xs [N, GH]; ws = w13's scales [E, 2 NBI, GH]; act is written as fp8 with scales
+    acts [rows, GI] (this tile's BLOCK_N columns are one group); BLOCK_K divides 128."""
     pid = tl.program_id(0)
     n_blocks = I // BLOCK_N
     mb, nb = pid // n_blocks, pid % n_blocks  # the column blocks of one row block run side by side (L2 reuse of x)
@@ -134,22 +144,57 @@ def _gate_up_kernel(
     u_ptrs = g_ptrs + I * H  # up rows
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for _ in range(0, H, BLOCK_K):
-        a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
-        acc_g = _dot(a, tl.load(g_ptrs), acc_g, UPCAST)
-        acc_u = _dot(a, tl.load(u_ptrs), acc_u, UPCAST)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
-    act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    tl.store(act_ptr + m.to(tl.int64)[:, None] * I + n[None, :], act.to(act_ptr.dtype.element_ty))
+    if FP8:
+        GH = (H + 127) // 128
+        NBI = (I + 127) // 128
+        xs_ptrs = xs_ptr + token * GH
+        wsg_ptrs = ws_ptr + e.to(tl.int64) * 2 * NBI * GH + (n // 128) * GH
+        wsu_ptrs = wsg_ptrs + NBI * GH
+        for k0 in range(0, H, BLOCK_K):
+            mk = k < H - k0
+            a = tl.load(a_ptrs, mask=valid[:, None] & mk[None, :], other=0.0)
+            a_s = tl.load(xs_ptrs + k0 // 128, mask=valid, other=0.0)[:, None]
+            acc_g += (
+                dot_fp8(a, tl.load(g_ptrs, mask=mk[:, None], other=0.0), UPCAST)
+                * a_s
+                * tl.load(wsg_ptrs + k0 // 128)[None, :]
+            )
+            acc_u += (
+                dot_fp8(a, tl.load(u_ptrs, mask=mk[:, None], other=0.0), UPCAST)
+                * a_s
+                * tl.load(wsu_ptrs + k0 // 128)[None, :]
+            )
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+        # ops/fp8.experts_reference's roundings (GEMM outputs, SiLU and the product each in the model dtype), then
+        # the row's quantisation group (this tile's columns) to fp8
+        dt: tl.constexpr = tl.float16 if F16 else tl.bfloat16
+        g = round_to(acc_g, dt, UPCAST)
+        u = round_to(acc_u, dt, UPCAST)
+        h = round_to(round_to(g / (1.0 + tl.exp(-g)), dt, UPCAST) * u, dt, UPCAST)
+        q, h_s = quantize_tile(h, 1, UPCAST)
+        tl.store(act_ptr + m.to(tl.int64)[:, None] * I + n[None, :], q)
+        tl.store(acts_ptr + m.to(tl.int64) * ((I + 127) // 128) + nb, h_s)
+    else:
+        for _ in range(0, H, BLOCK_K):
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+            acc_g = _dot(a, tl.load(g_ptrs), acc_g, UPCAST)
+            acc_u = _dot(a, tl.load(u_ptrs), acc_u, UPCAST)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+        act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        tl.store(act_ptr + m.to(tl.int64)[:, None] * I + n[None, :], act.to(act_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _down_kernel(
     act_ptr, w2_ptr, rows_ptr, block_expert_ptr, y_ptr, H, I,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    acts_ptr=None, ws_ptr=None, FP8: tl.constexpr = False,
 ):  # fmt: skip
+    """FP8: act is fp8 with scales acts [rows, GI]; ws = w2's scales [E, NBH, GI]; BLOCK_K divides 128."""
     pid = tl.program_id(0)
     n_blocks = H // BLOCK_N
     mb, nb = pid // n_blocks, pid % n_blocks
@@ -164,10 +209,22 @@ def _down_kernel(
     a_ptrs = act_ptr + m.to(tl.int64)[:, None] * I + k[None, :]
     w_ptrs = w2_ptr + e.to(tl.int64) * H * I + n[None, :] * I + k[:, None]  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for _ in range(0, I, BLOCK_K):
-        acc = _dot(tl.load(a_ptrs), tl.load(w_ptrs), acc, UPCAST)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    if FP8:
+        GI = (I + 127) // 128
+        as_ptrs = acts_ptr + m.to(tl.int64) * GI
+        ws_ptrs = ws_ptr + e.to(tl.int64) * ((H + 127) // 128) * GI + (n // 128) * GI
+        for k0 in range(0, I, BLOCK_K):
+            mk = k < I - k0
+            a = tl.load(a_ptrs, mask=mk[None, :], other=0.0)
+            scale = tl.load(as_ptrs + k0 // 128)[:, None] * tl.load(ws_ptrs + k0 // 128)[None, :]
+            acc += dot_fp8(a, tl.load(w_ptrs, mask=mk[:, None], other=0.0), UPCAST) * scale
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+    else:
+        for _ in range(0, I, BLOCK_K):
+            acc = _dot(tl.load(a_ptrs), tl.load(w_ptrs), acc, UPCAST)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
     out = y_ptr + tl.where(valid, pair, 0).to(tl.int64)[:, None] * H + n[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None])
 
@@ -180,8 +237,27 @@ def _tile(tile: dict, n: int, k: int) -> dict | None:
     return tile | dict(BLOCK_N=bn, BLOCK_K=bk)
 
 
-def supports(H: int, I: int) -> bool:
-    """Whether the kernels' tiles divide these sizes (powers of two from 16 up do)."""
+def _tile_fp8(tile: dict, n: int, k: int) -> dict | None:
+    """An FP8 tile clamped to the problem: BLOCK_N divides n; BLOCK_K a power of two dividing 128 (K edges are
+    masked, so k need not be a multiple); None when it does not fit."""
+    bn, bk = min(tile["BLOCK_N"], n), min(tile["BLOCK_K"], triton.next_power_of_2(k))
+    if n % bn or bn < 16 or bn & (bn - 1) or bk < 16 or 128 % bk:
+        return None
+    return tile | dict(BLOCK_N=bn, BLOCK_K=bk)
+
+
+def supports(H: int, I: int, block: tuple[int, int] | None = None) -> bool:
+    """Whether the kernels' tiles divide these sizes (powers of two from 16 up do). Block FP8 (block given): blocks
+    of 128 and the gate_up tile one quantisation group of the intermediate (I a multiple of 128, or a power of two
+    below it)."""
+    if block is not None:
+        gu = _tile_fp8(GATE_UP_TILE_FP8, I, H)
+        return (
+            fp8_triton.supports(block)
+            and gu is not None
+            and gu["BLOCK_N"] in (128, I)
+            and _tile_fp8(DOWN_TILE_FP8, H, I) is not None
+        )
     return _tile(GATE_UP_TILE, I, H) is not None and _tile(DOWN_TILE, H, I) is not None
 
 
@@ -195,28 +271,59 @@ def grouped_experts(
     down_tile: dict | None = None,
     block_m: int | None = None,
     shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """sum_k weights[n, k] * expert_{ids[n, k]}(x[n]); x [N, H], w13 [E, 2I, H], w2 [E, H, I], weights/ids [N, K].
     shared (s [N, H], gate [N]): gate[n] * s[n] is added in the same combine. Tiles may be given for a sweep; the
-    defaults are the tuned ones."""
-    block_m = block_m or BLOCK_M
+    defaults are the tuned ones.
+    Block FP8 (w13_scale [E, 2 ceil(I/128), ceil(H/128)], w2_scale [E, ceil(H/128), ceil(I/128)], block (128, 128)):
+    x quantised per 128 channels first (fp8_triton.quantize_act), fp8 tl.dot in both kernels, the intermediate
+    quantised in the gate_up epilogue; the numerics of ops/fp8.experts_reference."""
+    fp8 = w13_scale is not None
     N, K = ids.shape
     E, H, I = w13.shape[0], x.shape[1], w2.shape[-1]
-    gu = _tile(gate_up_tile or GATE_UP_TILE, I, H)
-    dn = _tile(down_tile or DOWN_TILE, H, I)
-    if gu is None or dn is None:
-        raise ValueError(f"grouped expert tiles do not divide H={H}, I={I}")
+    if fp8:
+        if not supports(H, I, block):
+            raise ValueError(f"the FP8 grouped expert kernels do not take H={H}, I={I}, block={block}")
+        block_m = block_m or BLOCK_M_FP8
+        gu = _tile_fp8(gate_up_tile or GATE_UP_TILE_FP8, I, H)
+        dn = _tile_fp8(down_tile or DOWN_TILE_FP8, H, I)
+        if gu is None or dn is None or gu["BLOCK_N"] not in (128, I):
+            raise ValueError(f"FP8 grouped expert tiles do not fit H={H}, I={I}")
+    else:
+        block_m = block_m or BLOCK_M
+        gu = _tile(gate_up_tile or GATE_UP_TILE, I, H)
+        dn = _tile(down_tile or DOWN_TILE, H, I)
+        if gu is None or dn is None:
+            raise ValueError(f"grouped expert tiles do not divide H={H}, I={I}")
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     if N == 0:
         return torch.zeros_like(x) if shared is None else shared[0].clone()
     rows, block_expert = block_layout(ids, E, block_m)
     num_blocks = block_expert.numel()
+    y = torch.empty(N * K, H, dtype=x.dtype, device=x.device)
+    if fp8:
+        xq, xs = fp8_triton.quantize_act(x, fp8_triton.GROUP)
+        act = torch.empty(num_blocks * block_m, I, dtype=fp8_triton.FP8_DTYPE, device=x.device)
+        act_s = torch.empty(
+            num_blocks * block_m, triton.cdiv(I, fp8_triton.GROUP), dtype=torch.float32, device=x.device
+        )
+        _gate_up_kernel[(num_blocks * (I // gu["BLOCK_N"]),)](
+            xq, w13, rows, block_expert, act, H, I, K, BLOCK_M=block_m, UPCAST=_INTERPRET,
+            xs_ptr=xs, ws_ptr=w13_scale.contiguous(), acts_ptr=act_s, FP8=True, F16=x.dtype == torch.float16, **gu,
+        )  # fmt: skip
+        _down_kernel[(num_blocks * (H // dn["BLOCK_N"]),)](
+            act, w2, rows, block_expert, y, H, I, BLOCK_M=block_m, UPCAST=_INTERPRET,
+            acts_ptr=act_s, ws_ptr=w2_scale.contiguous(), FP8=True, **dn,
+        )  # fmt: skip
+        return moe_triton.combine(y, None, weights, shared)
     upcast = _INTERPRET and x.dtype == torch.bfloat16
     act = torch.empty(num_blocks * block_m, I, dtype=x.dtype, device=x.device)
     _gate_up_kernel[(num_blocks * (I // gu["BLOCK_N"]),)](
         x, w13, rows, block_expert, act, H, I, K, BLOCK_M=block_m, UPCAST=upcast, **gu
     )
-    y = torch.empty(N * K, H, dtype=x.dtype, device=x.device)
     _down_kernel[(num_blocks * (H // dn["BLOCK_N"]),)](
         act, w2, rows, block_expert, y, H, I, BLOCK_M=block_m, UPCAST=upcast, **dn
     )

@@ -19,11 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
+from nextserve.ops import fp8_triton
+from nextserve.ops.fp8_triton import quantize_tile, round_to
+
 # Tile sizes, swept on an H100 at Qwen3-Next shapes (H=2048, I=512, K=10, bf16) under CUDA graphs: wide rows keep
 # each warp's loads coalesced; at one or two tokens the down kernel unrolls its K experts so that all their loads
 # are in flight at once (latency-bound), from four tokens on the plain loop wins.
 TILES = dict(gu_rows=4, gu_cols=1024, gu_warps=4, down_rows=8, down_cols=512, down_warps=4, down_unroll=False)
 TILES_TINY_BATCH = TILES | dict(down_rows=4, down_unroll=True)
+# Block FP8 (one byte per weight): changes to the tiles above, measured on an H100 (nextserve/bench/fp8_kernels.py).
+TILES_FP8: dict = {}
 
 
 @triton.jit
@@ -99,6 +104,9 @@ def _gate_up_kernel(
     sg_ptr,
     su_ptr,
     h_ptr,
+    s13_ptr,
+    sgs_ptr,
+    sus_ptr,
     H,
     I,
     K: tl.constexpr,
@@ -106,6 +114,8 @@ def _gate_up_kernel(
     BR: tl.constexpr,
     BC: tl.constexpr,
     FP32: tl.constexpr,
+    FP8: tl.constexpr = False,
+    EMULATE: tl.constexpr = False,
 ):
     KS: tl.constexpr = K + 1 if SHARED else K  # slots per token: its K experts, then the shared one
     pair = tl.program_id(0)
@@ -115,10 +125,20 @@ def _gate_up_kernel(
     e = tl.load(ids_ptr + token * K + tl.minimum(k, K - 1)).to(tl.int64)
     g_base = w13_ptr + e * (2 * I * H)
     u_base = g_base + I * H
+    if FP8:  # block scales: [2 NBI, GH] per expert (gate block rows, then up), [NBI, GH] per shared projection
+        GB: tl.constexpr = 128  # block = activation group
+        NG: tl.constexpr = BC // GB
+        GH = (H + GB - 1) // GB
+        NBI = (I + GB - 1) // GB
+        gs_base = s13_ptr + e * (2 * NBI * GH)
+        us_base = gs_base + NBI * GH
     if SHARED:
         if k == K:
             g_base = sg_ptr
             u_base = su_ptr
+            if FP8:
+                gs_base = sgs_ptr
+                us_base = sus_ptr
     mr = rows < I
     acc_g = tl.zeros([BR], dtype=tl.float32)
     acc_u = tl.zeros([BR], dtype=tl.float32)
@@ -129,28 +149,56 @@ def _gate_up_kernel(
         m = mr[:, None] & mc[None, :]
         wg = tl.load(g_base + rows[:, None] * H + cols[None, :], mask=m, other=0.0).to(tl.float32)
         wu = tl.load(u_base + rows[:, None] * H + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        acc_g += tl.sum(wg * xv[None, :], 1)
-        acc_u += tl.sum(wu * xv[None, :], 1)
-    if not FP32:  # the grouped GEMM's outputs are in the model dtype before the activation
-        acc_g = acc_g.to(h_ptr.dtype.element_ty).to(tl.float32)
-        acc_u = acc_u.to(h_ptr.dtype.element_ty).to(tl.float32)
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        if FP8:
+            # x quantised per 128 channels (BC holds whole groups), then per group: (sum wq xq) * xs * ws
+            xq, xs = quantize_tile(tl.reshape(xv, [NG, GB]), 1, EMULATE)
+            x3 = tl.reshape(xq.to(tl.float32), [1, NG, GB])
+            grp = c0 // GB + tl.arange(0, NG)
+            sidx = (rows // GB)[:, None] * GH + grp[None, :]
+            sm = mr[:, None] & (grp < GH)[None, :]
+            ws_g = tl.load(gs_base + sidx, mask=sm, other=0.0) * xs[None, :]
+            ws_u = tl.load(us_base + sidx, mask=sm, other=0.0) * xs[None, :]
+            acc_g += tl.sum(tl.sum(tl.reshape(wg, [BR, NG, GB]) * x3, 2) * ws_g, 1)
+            acc_u += tl.sum(tl.sum(tl.reshape(wu, [BR, NG, GB]) * x3, 2) * ws_u, 1)
+        else:
+            acc_g += tl.sum(wg * xv[None, :], 1)
+            acc_u += tl.sum(wu * xv[None, :], 1)
+    if FP8:  # ops/fp8.experts_reference's roundings: GEMM outputs, SiLU, product (h is quantised from these)
+        ty = h_ptr.dtype.element_ty
+        acc_g = round_to(acc_g, ty, EMULATE)
+        acc_u = round_to(acc_u, ty, EMULATE)
+        h = round_to(round_to(acc_g / (1.0 + tl.exp(-acc_g)), ty, EMULATE) * acc_u, ty, EMULATE)
+    else:
+        if not FP32:  # the grouped GEMM's outputs are in the model dtype before the activation
+            acc_g = acc_g.to(h_ptr.dtype.element_ty).to(tl.float32)
+            acc_u = acc_u.to(h_ptr.dtype.element_ty).to(tl.float32)
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(h_ptr + pair * I + rows, h.to(h_ptr.dtype.element_ty), mask=mr)
 
 
 @triton.jit
-def _down_pair(h_ptr, w2_ptr, ids_ptr, wts_ptr, sd_ptr, s_ptr, token, k, rows, mr, H, I, K, SHARED, BR, BC, OUT_TY):
+def _down_pair(
+    h_ptr, w2_ptr, ids_ptr, wts_ptr, sd_ptr, s_ptr, s2_ptr, sds_ptr, token, k, rows, mr, H, I, K, SHARED, BR, BC,
+    OUT_TY, FP8, EMULATE,
+):  # fmt: skip
     """Slot k of a token: w * (h W_down^T) for BR output rows, rounded to the model dtype before the weight (as
-    the grouped GEMM's output is)."""
+    the grouped GEMM's output is). FP8: h quantised per 128 channels here (BC holds whole groups)."""
     KS: tl.constexpr = K + 1 if SHARED else K
     kk = tl.minimum(k, K - 1)
     e = tl.load(ids_ptr + token * K + kk).to(tl.int64)
     wt = tl.load(wts_ptr + token * K + kk).to(tl.float32)
     base = w2_ptr + e * (H * I)
+    if FP8:  # block scales [NBH, GI] per expert and for the shared down projection
+        GB: tl.constexpr = 128
+        NG: tl.constexpr = BC // GB
+        GI = (I + GB - 1) // GB
+        s_base = s2_ptr + e * (((H + GB - 1) // GB) * GI)
     if SHARED:
         if k == K:
             base = sd_ptr
             wt = tl.load(s_ptr + token)
+            if FP8:
+                s_base = sds_ptr
     hrow = h_ptr + (token * KS + k) * I
     y = tl.zeros([BR], dtype=tl.float32)
     for c0 in range(0, I, BC):
@@ -158,7 +206,14 @@ def _down_pair(h_ptr, w2_ptr, ids_ptr, wts_ptr, sd_ptr, s_ptr, token, k, rows, m
         mc = cols < I
         hv = tl.load(hrow + cols, mask=mc, other=0.0).to(tl.float32)
         w = tl.load(base + rows[:, None] * I + cols[None, :], mask=mr[:, None] & mc[None, :], other=0.0)
-        y += tl.sum(w.to(tl.float32) * hv[None, :], 1)
+        if FP8:
+            hq, hs = quantize_tile(tl.reshape(hv, [NG, GB]), 1, EMULATE)
+            grp = c0 // GB + tl.arange(0, NG)
+            sc = tl.load(s_base + (rows // GB)[:, None] * GI + grp[None, :], mask=mr[:, None] & (grp < GI)[None, :])
+            part = tl.sum(tl.reshape(w.to(tl.float32), [BR, NG, GB]) * tl.reshape(hq.to(tl.float32), [1, NG, GB]), 2)
+            y += tl.sum(part * sc * hs[None, :], 1)
+        else:
+            y += tl.sum(w.to(tl.float32) * hv[None, :], 1)
     return wt * y.to(OUT_TY).to(tl.float32)
 
 
@@ -171,6 +226,8 @@ def _down_kernel(
     sd_ptr,
     s_ptr,
     out_ptr,
+    s2_ptr,
+    sds_ptr,
     H,
     I,
     K: tl.constexpr,
@@ -178,6 +235,8 @@ def _down_kernel(
     BR: tl.constexpr,
     BC: tl.constexpr,
     UNROLL: tl.constexpr,
+    FP8: tl.constexpr = False,
+    EMULATE: tl.constexpr = False,
 ):
     KS: tl.constexpr = K + 1 if SHARED else K
     token = tl.program_id(0)
@@ -185,13 +244,13 @@ def _down_kernel(
     mr = rows < H
     acc = tl.zeros([BR], dtype=tl.float32)
     ty = out_ptr.dtype.element_ty
-    args = (h_ptr, w2_ptr, ids_ptr, wts_ptr, sd_ptr, s_ptr, token)
+    args = (h_ptr, w2_ptr, ids_ptr, wts_ptr, sd_ptr, s_ptr, s2_ptr, sds_ptr, token)
     if UNROLL:  # the slots' loads are independent: unrolled, they can all be in flight at once
         for k in tl.static_range(KS):
-            acc += _down_pair(*args, k, rows, mr, H, I, K, SHARED, BR, BC, ty)
+            acc += _down_pair(*args, k, rows, mr, H, I, K, SHARED, BR, BC, ty, FP8, EMULATE)
     else:
         for k in range(KS):
-            acc += _down_pair(*args, k, rows, mr, H, I, K, SHARED, BR, BC, ty)
+            acc += _down_pair(*args, k, rows, mr, H, I, K, SHARED, BR, BC, ty, FP8, EMULATE)
     tl.store(out_ptr + token * H + rows, acc.to(ty), mask=mr)
 
 
@@ -203,12 +262,24 @@ def fused_experts(
     ids: torch.Tensor,
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     tiles: dict | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    shared_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """sum_k weights[n,k] * expert_{ids[n,k]}(x[n]); x [N, H], w13 [E, 2I, H], w2 [E, H, I] (contiguous).
 
     shared = (gate_proj [I, H], up_proj [I, H], down_proj [H, I], gate [N] fp32): the shared expert joins as one
-    more slot per token, weighted by gate, in the same two launches (its intermediate size must be I)."""
+    more slot per token, weighted by gate, in the same two launches (its intermediate size must be I).
+    Block FP8 (w13_scale [E, 2 ceil(I/128), ceil(H/128)], w2_scale [E, ceil(H/128), ceil(I/128)], block (128, 128);
+    with `shared`, shared_scales for its three projections): weights read as one byte each, x and h quantised per
+    128 channels inside the kernels; the numerics of ops/fp8.experts_reference."""
     assert w13.is_contiguous() and w2.is_contiguous(), "expert weights are indexed by raw offsets"
+    fp8 = w13_scale is not None
+    if fp8 and not fp8_triton.supports(block):
+        raise ValueError(f"the FP8 expert kernels take blocks {fp8_triton.BLOCK}, got {block}")
+    if fp8 and shared is not None and shared_scales is None:
+        raise ValueError("FP8 experts with a shared slot need the shared expert's scales")
     x = x.contiguous()
     N, H = x.shape
     K, inter = ids.shape[1], w2.shape[-1]
@@ -221,11 +292,16 @@ def fused_experts(
         assert sg.shape == (inter, H) and sd.shape == (H, inter), "the shared expert must have the experts' size"
     else:
         sg = su = sd = s = weights  # never read
+    s13, s2 = (w13_scale.contiguous(), w2_scale.contiguous()) if fp8 else (weights, weights)  # else never read
+    sgs, sus, sds = (t.contiguous() for t in shared_scales) if fp8 and shared is not None else (s13, s13, s2)
     KS = K + (shared is not None)
     h = torch.empty(N * KS, inter, dtype=x.dtype, device=x.device)
-    t = (TILES if N > 2 else TILES_TINY_BATCH) | (tiles or {})
+    t = (TILES if N > 2 else TILES_TINY_BATCH) | (TILES_FP8 if fp8 else {}) | (tiles or {})
     fp32 = x.dtype == torch.float32
     bc_h, bc_i = min(t["gu_cols"], triton.next_power_of_2(H)), min(t["down_cols"], triton.next_power_of_2(inter))
+    if fp8:  # a column chunk holds whole quantisation groups
+        bc_h, bc_i = max(bc_h, fp8_triton.GROUP), max(bc_i, fp8_triton.GROUP)
+    emulate = fp8 and fp8_triton.interpreted()
     _gate_up_kernel[(N * KS, triton.cdiv(inter, t["gu_rows"]))](
         x,
         w13,
@@ -233,6 +309,9 @@ def fused_experts(
         sg,
         su,
         h,
+        s13,
+        sgs,
+        sus,
         H,
         inter,
         K=K,
@@ -240,6 +319,8 @@ def fused_experts(
         BR=t["gu_rows"],
         BC=bc_h,
         FP32=fp32,
+        FP8=fp8,
+        EMULATE=emulate,
         num_warps=t["gu_warps"],
     )
     _down_kernel[(N, triton.cdiv(H, t["down_rows"]))](
@@ -250,6 +331,8 @@ def fused_experts(
         sd,
         s,
         out,
+        s2,
+        sds,
         H,
         inter,
         K=K,
@@ -257,6 +340,8 @@ def fused_experts(
         BR=t["down_rows"],
         BC=bc_i,
         UNROLL=t["down_unroll"],
+        FP8=fp8,
+        EMULATE=emulate,
         num_warps=t["down_warps"],
     )
     return out
