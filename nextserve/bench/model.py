@@ -130,7 +130,9 @@ def _fp8_matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
 def fp8_kernel(device: torch.device) -> str:
     """Which path `ops.fp8.linear` takes on `device` (said beside the FP8 numbers)."""
     if device.type == "cuda" and fp8_ops.fp8_triton is not None:
-        return "the Triton kernels of ops/fp8_triton.py"
+        rows = getattr(fp8_ops.fp8_triton, "SCALED_MM_MIN_M", None)
+        mm = f"; torch's block-scaled scaled_mm from {rows} rows, where it works" if rows else ""
+        return f"ops/fp8_triton.py (Triton kernels{mm})"
     return "the torch reference (dequantise, then fp32 matmul)"
 
 
