@@ -155,3 +155,14 @@ def test_bench_offline_with_dummy_fp8_weights(config_dir, tmp_path):
     assert main(argv) == 0  # 0: batched and one-at-a-time greedy outputs agree
     result = json.loads(out.read_text())
     assert result["num_prompts"] == 3 and result["batched_tok_s"] > 0 and result["same_outputs"]
+
+
+def test_bench_offline_decode_rate_without_the_loop(config_dir, tmp_path):
+    out = tmp_path / "offline.json"
+    argv = ["bench", "offline", "--model", str(config_dir), "--load-format", "dummy", "--no-loop"]
+    argv += ["--device", "cpu", "--num-prompts", "2", "--input-len", "5", "--output-len", "6"]
+    argv += ["--cpu-cache-bytes", str(16 << 20), "--output-json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert "loop_s" not in result and result["decode_tok_s"] > 0
+    assert result["first_token_s"] < result["batched_s"]
