@@ -19,7 +19,9 @@ from nextserve.config import EngineConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument(
+        "--num-prompts", type=_counts, default=[64], help="prompts per batch; a comma list runs each batch size in turn"
+    )
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--prompt-seed", type=int, default=0)
@@ -30,18 +32,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     EngineConfig.add_cli_args(parser)
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def run(args: argparse.Namespace) -> int:
+    from nextserve.llm import LLM
+
+    llm = LLM(config=EngineConfig.from_cli_args(args).with_updates(disable_tqdm=True))
+    results = [measure(llm, args, n) for n in args.num_prompts]
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(results[0] if len(results) == 1 else results, f, indent=2)
+    return 0 if all(r.get("same_outputs", True) for r in results) else 1
+
+
+def measure(llm, args: argparse.Namespace, num_prompts: int) -> dict:
+    """One batch size: batched generation (and the one-at-a-time loop unless --no-loop)."""
     import dataclasses
 
     import torch
 
-    from nextserve.llm import LLM
     from nextserve.sampling_params import SamplingParams
 
-    llm = LLM(config=EngineConfig.from_cli_args(args).with_updates(disable_tqdm=True))
     g = torch.Generator().manual_seed(args.prompt_seed)
     vocab = len(llm.tokenizer)
-    prompts = [torch.randint(0, vocab, (args.input_len,), generator=g).tolist() for _ in range(args.num_prompts)]
+    prompts = [torch.randint(0, vocab, (args.input_len,), generator=g).tolist() for _ in range(num_prompts)]
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
 
@@ -54,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     tokens = sum(len(o.outputs[0].token_ids) for o in batched)
     decode_tok_s = (tokens - len(prompts)) / (t_batched - t_first) if t_batched > t_first else float("nan")
     result = {
-        "num_prompts": args.num_prompts,
+        "num_prompts": num_prompts,
         "input_len": args.input_len,
         "output_len": args.output_len,
         "device": str(llm.engine.device),
@@ -76,8 +98,5 @@ def run(args: argparse.Namespace) -> int:
         result |= {"speedup": round(t_loop / t_batched, 2), "same_outputs": same}
         print(f"{'loop':<10}{t_loop:>10.2f}{result['loop_tok_s']:>15.1f}")
         print(f"speed-up {result['speedup']}x; identical greedy outputs: {same}")
-    print(f"decode (batch of {args.num_prompts}, after the first token): {decode_tok_s:.1f} tok/s")
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0 if same else 1
+    print(f"decode (batch of {num_prompts}, after the first token): {decode_tok_s:.1f} tok/s")
+    return result

@@ -166,3 +166,12 @@ def test_bench_offline_decode_rate_without_the_loop(config_dir, tmp_path):
     result = json.loads(out.read_text())
     assert "loop_s" not in result and result["decode_tok_s"] > 0
     assert result["first_token_s"] < result["batched_s"]
+
+
+def test_bench_offline_several_batch_sizes_in_one_engine(config_dir, tmp_path):
+    out = tmp_path / "offline.json"
+    argv = ["bench", "offline", "--model", str(config_dir), "--load-format", "dummy", "--no-loop"]
+    argv += ["--device", "cpu", "--num-prompts", "1,3", "--input-len", "4", "--output-len", "4"]
+    argv += ["--cpu-cache-bytes", str(16 << 20), "--output-json", str(out)]
+    assert main(argv) == 0
+    assert [r["num_prompts"] for r in json.loads(out.read_text())] == [1, 3]
