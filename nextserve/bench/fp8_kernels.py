@@ -1,13 +1,13 @@
 """Micro-benchmark of the block-FP8 kernels against their bf16 counterparts at Qwen3-Next-80B-A3B shapes (device only):
 
-    python -m nextserve.bench.fp8_kernels [--sweep] [--quick]
+    python -m nextserve.bench.fp8_kernels [--sweep] [--sweep-experts] [--no-linears] [--no-experts]
 
 Tables: the dense linears (fp8_triton.linear vs F.linear/cuBLAS), the routed experts (moe.fused_experts, FP8 vs
 bf16: small-batch GEMV kernels up to moe.SMALL_BATCH_MAX tokens, the grouped kernels above), and the dense FP8 GEMM
 rate at 8192^3 (fp8_triton.measure_fp8_matmul_tflops, for the roofline). Small M is reported in GB/s of weight bytes
 read (bound by HBM), large M in TFLOP/s. Every timing is a CUDA-graph replay (no launch overhead, as in a decode step).
---sweep also times the tile candidates that LINEAR_TILES, moe_triton.TILES_FP8 and moe_grouped_triton's FP8 tiles
-were picked from.
+--sweep (--sweep-experts) also times the tile candidates that fp8_triton's GEMV and GEMM tiles (moe_triton.TILES_FP8
+and moe_grouped_triton's FP8 tiles) were picked from.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ LINEARS = [
     ("shared gate/up", 512, 2048),
     ("shared down", 2048, 512),
 ]
-MS = (1, 16, 64, 128, 2048, 8192)
+MS = (1, 4, 16, 64, 128, 2048, 8192)
 E, TOP_K, H, INTER = 512, 10, 2048, 512
 
 
@@ -91,32 +91,18 @@ def bench_linears() -> None:
 
 
 def sweep_linear() -> None:
-    print("\n## linear tile sweep (us)")
-    cands_small = [
-        dict(BLOCK_M=16, BLOCK_N=bn, num_warps=4, num_stages=st, QUANT_A=True) for bn in (16, 32, 64) for st in (3, 5)
+    print("\n## linear tile sweep (us): GEMV tiles (BR x BC, warps) for small M, dot tiles (BM x BN, warps, stages)")
+    gemv = [
+        dict(BR=br, BC=bc, num_warps=w)
+        for br, bc, w in [(4, 1024, 4), (8, 1024, 4), (4, 2048, 4), (2, 1024, 4), (8, 512, 4), (16, 512, 8)]
     ]
-    cands_mid = [
-        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, QUANT_A=qa)
-        for bm, bn, w, st, qa in [
-            (32, 64, 4, 4, True),
-            (64, 64, 4, 4, False),
-            (64, 128, 4, 4, False),
-            (64, 64, 4, 4, True),
-        ]
-    ]
-    cands_large = [
-        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, QUANT_A=False)
-        for bm, bn, w, st in [(128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (64, 128, 4, 4), (256, 128, 8, 3)]
+    dots = [
+        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+        for bm, bn, w, st in [(16, 64, 4, 4), (16, 32, 4, 6), (32, 64, 4, 4), (64, 64, 4, 4), (16, 128, 4, 4)]
     ]
     for N, K in [(12288, 2048), (2048, 4096), (512, 2048)]:
         w8, s8 = fp8_weight(N, K)
-        for M, cands in [
-            (1, cands_small),
-            (16, cands_small),
-            (64, cands_mid),
-            (128, cands_mid + cands_large[:2]),
-            (8192, cands_large),
-        ]:
+        for M, cands in [(1, gemv), (4, gemv), (8, gemv), (16, gemv[:2] + dots), (32, dots)]:
             x = torch.randn(M, K, device="cuda", dtype=BF16)
             res = []
             for c in cands:
@@ -125,18 +111,13 @@ def sweep_linear() -> None:
                 except Exception as e:  # noqa: BLE001 - a tile that does not compile (shared memory) is skipped
                     print(f"  {c}: {type(e).__name__}")
             res.sort(key=lambda r: r[0])
-            line = "  ".join(
-                f"{t:.1f}:{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}s{c['num_stages']}{'q' if c['QUANT_A'] else ''}"
-                for t, c in res[:4]
-            )
-            print(f"N={N} K={K} M={M}: {line}", flush=True)
-        if ft.scaled_mm_works():
-            for M in (128, 2048, 8192):
-                x = torch.randn(M, K, device="cuda", dtype=BF16)
+            print(f"N={N} K={K} M={M}: " + "  ".join(f"{t:.1f}:{_tile_name(c)}" for t, c in res[:4]), flush=True)
 
-                t_tr = time_us(ft.linear, x, w8, s8, B, tile=ft.linear_tile(M, N))
-                t_sm = time_us(_scaled_mm_linear, x, w8, s8)
-                print(f"N={N} K={K} M={M}: scaled_mm {t_sm:.1f} us, triton {t_tr:.1f} us", flush=True)
+
+def _tile_name(c: dict) -> str:
+    if "BR" in c:
+        return f"gemv{c['BR']}x{c['BC']}w{c['num_warps']}"
+    return f"{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}s{c['num_stages']}"
 
 
 def _scaled_mm_linear(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
@@ -249,8 +230,10 @@ def bench_dense_rate() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sweep", action="store_true", help="also time the tile candidates")
-    p.add_argument("--quick", action="store_true", help="skip the linear table")
+    p.add_argument("--sweep", action="store_true", help="also time the linear's tile candidates")
+    p.add_argument("--sweep-experts", action="store_true", help="also time the FP8 expert kernels' tile candidates")
+    p.add_argument("--no-linears", action="store_true", help="skip the linear table")
+    p.add_argument("--no-experts", action="store_true", help="skip the experts table")
     args = p.parse_args()
     import triton
 
@@ -259,10 +242,12 @@ def main() -> None:
     bench_dense_rate()
     if args.sweep:
         sweep_linear()
+    if args.sweep_experts:
         sweep_experts()
-    if not args.quick:
+    if not args.no_linears:
         bench_linears()
-    bench_experts()
+    if not args.no_experts:
+        bench_experts()
 
 
 if __name__ == "__main__":

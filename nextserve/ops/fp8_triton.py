@@ -5,12 +5,16 @@ helpers `quantize_tile` and `to_e4m3` from here.
 - quantize_act: one program per (BLOCK_M rows, one group): absmax, scale = max(absmax, EPS) / 448 and
   x / scale with IEEE division (`div_rn`: Triton's plain `/` is an approximate division on the GPU) and a
   saturating round-to-nearest-even cast: bit-equal to the torch reference.
-- linear: a tiled GEMM with tl.dot on fp8 operands; BLOCK_K = 128 = the activation group = the weight block's
-  width, so every K tile has one activation scale per row and one weight scale per column block; each tile's fp32
-  product is scaled and added to the fp32 accumulator (per-tile promotion: Hopper's fp8 MMA accumulates with fewer
-  bits than fp32 across a long K). Small M (decode) quantises x in the GEMM's prologue (QUANT_A: each program
-  quantises its rows of every K tile in registers, one launch); larger M runs quantize_act first. Where torch's
-  block-scaled `scaled_mm` works on this GPU and was measured faster (SCALED_MM_MIN_M), large M goes there.
+- linear: x quantised first (quantize_act), then by M:
+  * M <= GEMV_MAX_M (decode): a GEMV over BR weight rows per program, the fp8 weights widened in registers, per
+    128-group partial sums scaled by xs * ws (bound by weight bytes; tl.dot's 16-row minimum wastes it there);
+  * larger M: a tiled GEMM with tl.dot on fp8 operands; BLOCK_K = 128 = the activation group = the weight block's
+    width, so every K tile has one activation scale per row and one weight scale per column block; each tile's fp32
+    product is scaled and added to the fp32 accumulator (per-tile promotion: Hopper's fp8 MMA accumulates with
+    fewer bits than fp32 across a long K);
+  * from SCALED_MM_MIN_M rows, torch's block-scaled `scaled_mm` (cuBLAS) where it is probed to work: twice the
+    Triton GEMM's rate when compute-bound on an H100.
+  (A first version quantised x in the GEMM's prologue for small M: 2.5-10x slower than this GEMV on an H100.)
 Only blocks (128, 128) are handled (`supports`); `ops/fp8.py` falls back to the torch reference otherwise.
 Nothing syncs with the host after the first large-M call (which probes scaled_mm once): decode is capturable.
 Legend: M rows (tokens), K input features, N output features, G = ceil(K / 128) groups.
@@ -32,20 +36,20 @@ FP8_DTYPE = torch.float8_e4m3fn
 GROUP = 128  # activation group = weight block: the only block size the kernels take
 BLOCK = (GROUP, GROUP)
 
-# GEMM tiles by M bucket: (max M, tile). QUANT_A = x quantised in the prologue (no separate launch). Measured on
-# an H100 SXM (see nextserve/bench/fp8_kernels.py); BLOCK_N = 0 means "chosen to fill the GPU" (small M is bound
-# by weight bytes, so the grid must cover every SM).
-LINEAR_TILES = (
-    (16, dict(BLOCK_M=16, BLOCK_N=0, num_warps=4, num_stages=4, QUANT_A=True)),
-    (32, dict(BLOCK_M=32, BLOCK_N=0, num_warps=4, num_stages=4, QUANT_A=True)),
-    (64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4, QUANT_A=False)),
-    (256, dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, QUANT_A=False)),
-    (None, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, QUANT_A=False)),
+# Measured on an H100 SXM (nextserve/bench/fp8_kernels.py --sweep, Qwen3-Next shapes): the dot GEMM's best tile
+# was 64x64 (4 warps, 4 stages) at M = 64 and 128 and 64x128 at M = 8192 (683 us vs 689 for 128x128 at
+# 12288x2048x8192); scaled_mm beat it from M = 128 on (11.2 vs 17.3 us at 12288x2048, 1222 vs 612 TF/s at 8192^3).
+GEMV_MAX_M = 8
+GEMV_TILE = dict(BR=4, BC=1024, num_warps=4)  # the small-batch MoE GEMV's tile (moe_triton.TILES)
+LINEAR_TILES = (  # (max M, tile) for the dot GEMM
+    (16, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4)),
+    (32, dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=4)),
+    (128, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)),
+    (None, dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)),
 )
 GROUP_M = 8  # row tiles that share a column band (L2 reuse of the weight tiles)
-# From this many rows on, torch's block-scaled scaled_mm serves the linear when it works (None: never). Set from the
-# measured crossover; see the benchmark.
-SCALED_MM_MIN_M: int | None = None
+# From this many rows on, torch's block-scaled scaled_mm serves the linear when it works (None: never).
+SCALED_MM_MIN_M: int | None = 128
 
 
 def supports(block: tuple[int, int], N: int | None = None, K: int | None = None) -> bool:
@@ -141,10 +145,9 @@ def _linear_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, M, N, K,
     stride_am, stride_asm, stride_asg, stride_wn, stride_wsn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BN_SCALE: tl.constexpr,
-    GROUP_M: tl.constexpr, QUANT_A: tl.constexpr, UPCAST: tl.constexpr,
+    GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """out = (a as) (w ws)^T. QUANT_A: a is the unquantised x, quantised here per row per K tile (as unused);
-    otherwise a is fp8 with scales as [M, G]. One K tile = one scale group (BLOCK_K == 128)."""
+    """out = (a as) (w ws)^T with a fp8 [M, K], as [M, G]. One K tile = one scale group (BLOCK_K == 128)."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -168,10 +171,7 @@ def _linear_kernel(
         kb = k0 // BLOCK_K
         mk = rk < K - k0
         a = tl.load(a_ptrs, mask=mm[:, None] & mk[None, :], other=0.0)
-        if QUANT_A:
-            a, a_s = quantize_tile(a.to(tl.float32), 1, UPCAST)
-        else:
-            a_s = tl.load(as_ptrs + kb * stride_asg, mask=mm, other=0.0)
+        a_s = tl.load(as_ptrs + kb * stride_asg, mask=mm, other=0.0)
         w = tl.load(w_ptrs, mask=mk[:, None] & mn[None, :], other=0.0)
         w_s = tl.load(ws_ptrs + kb, mask=mn, other=0.0)
         acc += dot_fp8(a, w, UPCAST) * a_s[:, None] * w_s[None, :]
@@ -181,29 +181,43 @@ def _linear_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
 
-def linear_tile(M: int, N: int) -> dict:
-    """The tile of LINEAR_TILES for M rows, with BLOCK_N = 0 resolved: the widest N tile (128 down to 16) whose grid
-    still gives every SM of the GPU a program (small M streams the weight, which needs the whole GPU)."""
-    tile = next(t for m, t in LINEAR_TILES if m is None or M <= m)
-    if tile["BLOCK_N"] == 0:
-        sms = _num_sms()
-        bn = 128
-        while bn > 16 and triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(N, bn) < sms:
-            bn //= 2
-        tile = tile | dict(BLOCK_N=bn)
-    return tile
+@triton.jit
+def _gemv_kernel(
+    a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, M, N, K,
+    stride_am, stride_asm, stride_wn, stride_wsn, stride_om,
+    BM: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """out[m, rows] for BR weight rows and every token m < M <= BM: each [BR, BC] weight chunk is read once and
+    multiplied with every token's quantised chunk; per 128-group sums scaled by xs * ws."""
+    GB: tl.constexpr = 128
+    NG: tl.constexpr = BC // GB
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    mr = rows < N
+    rows64 = rows.to(tl.int64)
+    ms = tl.arange(0, BM)
+    acc = tl.zeros([BM, BR], dtype=tl.float32)
+    for c0 in range(0, K, BC):
+        cols = c0 + tl.arange(0, BC)
+        mc = cols < K
+        w = tl.load(w_ptr + rows64[:, None] * stride_wn + cols[None, :], mask=mr[:, None] & mc[None, :], other=0.0)
+        w3 = tl.reshape(w.to(tl.float32), [BR, NG, GB])
+        grp = c0 // GB + tl.arange(0, NG)
+        mg = grp * GB < K
+        ws_ptrs = ws_ptr + (rows // GB)[:, None] * stride_wsn + grp[None, :]
+        ws = tl.load(ws_ptrs, mask=mr[:, None] & mg[None, :], other=0.0)
+        for m in tl.static_range(BM):
+            xq = tl.load(a_ptr + m * stride_am + cols, mask=mc & (m < M), other=0.0).to(tl.float32)
+            xs = tl.load(as_ptr + m * stride_asm + grp, mask=mg & (m < M), other=0.0)
+            part = tl.sum(w3 * tl.reshape(xq, [1, NG, GB]), 2)  # [BR, NG]
+            y = tl.sum(part * ws * xs[None, :], 1)  # [BR]
+            acc = tl.where(ms[:, None] == m, acc + y[None, :], acc)
+    out = out_ptr + ms[:, None] * stride_om + rows64[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(ms < M)[:, None] & mr[None, :])
 
 
-_SMS: dict[int, int] = {}
-
-
-def _num_sms() -> int:
-    if not torch.cuda.is_available():
-        return 8
-    dev = torch.cuda.current_device()
-    if dev not in _SMS:
-        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    return _SMS[dev]
+def linear_tile(M: int, N: int | None = None) -> dict:
+    """The dot GEMM's tile for M rows (LINEAR_TILES)."""
+    return next(t for m, t in LINEAR_TILES if m is None or M <= m)
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, block: tuple[int, int]) -> None:
@@ -225,12 +239,11 @@ def linear(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, block: tuple[int, int], tile: dict | None = None
 ) -> torch.Tensor:
     """y = x W^T; x [M, K] bf16/fp16/fp32, W [N, K] float8_e4m3fn with fp32 scales [ceil(N/128), ceil(K/128)]
-    -> [M, N] in x's dtype. The numerics of ops/fp8.linear_reference (sums in another order). tile: for sweeps."""
+    -> [M, N] in x's dtype. The numerics of ops/fp8.linear_reference (sums in another order).
+    tile (sweeps, tests): a dot GEMM tile, or a GEMV tile (keys BR, BC, num_warps), instead of the choice by M."""
     _check(x, w, w_scale, block)
     M, K = x.shape
     N = w.shape[0]
-    if x.stride(-1) != 1:
-        x = x.contiguous()
     if w.stride(-1) != 1:
         w = w.contiguous()
     w_scale = w_scale.contiguous()
@@ -240,19 +253,22 @@ def linear(
     if tile is None and _use_scaled_mm(M, N, K, x):
         xq, xs = quantize_act(x, GROUP, m_major=True)
         return _scaled_mm(xq, xs, w, w_scale, x.dtype)
-    t = dict(tile or linear_tile(M, N))
-    quant_a = t.pop("QUANT_A")
-    if quant_a:
-        a, a_s = x, w_scale  # a_s never read
-    else:
-        a, a_s = quantize_act(x, GROUP)
+    xq, xs = quantize_act(x, GROUP)
+    if (tile is None and M <= GEMV_MAX_M) or (tile is not None and "BR" in tile):
+        t = dict(tile or GEMV_TILE)
+        br, bc = t.pop("BR"), max(GROUP, min(t.pop("BC"), triton.next_power_of_2(K)))
+        _gemv_kernel[(triton.cdiv(N, br),)](
+            xq, xs, w, w_scale, out, M, N, K, xq.stride(0), xs.stride(0), w.stride(0), w_scale.stride(0), out.stride(0),
+            BM=triton.next_power_of_2(M), BR=br, BC=bc, **t,
+        )  # fmt: skip
+        return out
+    t = dict(tile or linear_tile(M))
     bm, bn = t.pop("BLOCK_M"), t.pop("BLOCK_N")
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _linear_kernel[grid](
-        a, a_s, w, w_scale, out, M, N, K,
-        a.stride(0), a_s.stride(0), a_s.stride(1), w.stride(0), w_scale.stride(0), out.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=GROUP, BN_SCALE=GROUP, GROUP_M=GROUP_M, QUANT_A=quant_a,
-        UPCAST=_INTERPRET, **t,
+        xq, xs, w, w_scale, out, M, N, K,
+        xq.stride(0), xs.stride(0), xs.stride(1), w.stride(0), w_scale.stride(0), out.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=GROUP, BN_SCALE=GROUP, GROUP_M=GROUP_M, UPCAST=_INTERPRET, **t,
     )  # fmt: skip
     return out
 
@@ -314,7 +330,7 @@ def measure_fp8_matmul_tflops(device: torch.device | str = "cuda", n: int = 8192
     x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     w, ws = quantize_block_fp8(torch.randn(n, n, device=device) * 0.02, BLOCK)
     flops = 2 * n**3
-    res = {"triton": flops / _time(lambda: linear(x, w, ws, BLOCK, tile=linear_tile(n, n)), iters) / 1e12}
+    res = {"triton": flops / _time(lambda: linear(x, w, ws, BLOCK, tile=linear_tile(n)), iters) / 1e12}
     res["scaled_mm"] = None
     if scaled_mm_works(device):
 

@@ -102,7 +102,7 @@ LINEAR_SHAPES = [(200, 300), (64, 128), (130, 384), pytest.param(512, 2048, mark
 
 @pytest.mark.parametrize("dtype", [BF16, F16])
 @pytest.mark.parametrize("N,K", LINEAR_SHAPES)
-@pytest.mark.parametrize("M", [1, 3, 16, 33, pytest.param(300, marks=gpu_only), pytest.param(4096, marks=gpu_only)])
+@pytest.mark.parametrize("M", [1, 3, 8, 16, 33, pytest.param(300, marks=gpu_only), pytest.param(4096, marks=gpu_only)])
 def test_linear_matches_reference(M, N, K, dtype):
     k = _kernels()
     g = _gen(M * 7 + N + K)
@@ -115,11 +115,12 @@ def test_linear_matches_reference(M, N, K, dtype):
     ref, got = ref.float(), out.cpu().float()
     torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-3 * ref.abs().max().item())
     assert torch.equal(out, k.linear(xd, wd, wsd, B)), "not deterministic"
-    # every tile of the table (fused and separate quantisation) computes the same thing
-    for _, tile in k.LINEAR_TILES:
-        t = tile | dict(BLOCK_N=32) if tile["BLOCK_N"] == 0 else tile
-        got = k.linear(xd, wd, wsd, B, tile=t).cpu().float()
-        torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-3 * ref.abs().max().item())
+    # every tile (the dot GEMM's table, the GEMV for small M) computes the same thing (one shape: compile time)
+    if (N, K, dtype) == (130, 384, BF16):
+        tiles = [t for _, t in k.LINEAR_TILES] + ([k.GEMV_TILE, dict(BR=8, BC=128, num_warps=2)] if M <= 16 else [])
+        for t in tiles:
+            got = k.linear(xd, wd, wsd, B, tile=t).cpu().float()
+            torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-3 * ref.abs().max().item())
     # the public entry point (ops/fp8.linear) takes the same path on CUDA, with leading dimensions
     if CUDA:
         torch.testing.assert_close(fp8.linear(xd.view(1, M, K), wd, wsd, B).view(M, N), out)
@@ -148,8 +149,9 @@ def test_unsupported_block_falls_back():
     w, ws = quantize_block_fp8(torch.randn(96, 192, generator=g), (64, 64))
     with pytest.raises(ValueError):
         k.linear(x.to(DEVICE), w.to(DEVICE), ws.to(DEVICE), (64, 64))
-    out = fp8.linear(*_dev(x, w, ws), (64, 64))  # the torch reference serves it
-    torch.testing.assert_close(out.cpu(), fp8.linear_reference(x, w, ws, (64, 64)))
+    args = _dev(x, w, ws)
+    out = fp8.linear(*args, (64, 64))  # the torch reference serves it
+    torch.testing.assert_close(out, fp8.linear_reference(*args, (64, 64)))
 
 
 # ---- routed experts ----
