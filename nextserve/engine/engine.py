@@ -66,7 +66,7 @@ class Engine:
         self.model_config = ModelConfig.from_pretrained(model_dir, cfg.model_overrides())
         dummy = cfg.load_format == "dummy"
         self.quant = resolve_quantization(model_dir, cfg.quantization, from_weights=not dummy)
-        self.tokenizer = load_tokenizer(model_dir, synthetic_vocab=self.model_config.vocab_size if dummy else None)
+        self.tokenizer = load_tokenizer(model_dir, synthetic_for=self.model_config if dummy else None)
         self.generation_defaults = load_generation_defaults(model_dir)
         torch.manual_seed(cfg.seed)
         if self.device.type == "cuda":

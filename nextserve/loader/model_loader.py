@@ -120,16 +120,18 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
 
 
-def load_tokenizer(model_dir: str | Path, synthetic_vocab: int | None = None):
-    """The folder's tokenizer; with `synthetic_vocab` (dummy loading) and no tokenizer files in the folder, a
-    synthetic one over that many ids (`loader/synthetic_tokenizer.py`)."""
+def load_tokenizer(model_dir: str | Path, synthetic_for: ModelConfig | None = None):
+    """The folder's tokenizer; with `synthetic_for` (dummy loading) and no tokenizer files in the folder, a
+    synthetic one over that config's vocabulary, its EOS at the config's first EOS id
+    (`loader/synthetic_tokenizer.py`)."""
     from transformers import AutoTokenizer
 
-    if synthetic_vocab is not None and not has_tokenizer(model_dir):
+    if synthetic_for is not None and not has_tokenizer(model_dir):
         from nextserve.loader.synthetic_tokenizer import synthetic_tokenizer
 
-        logger.info("no tokenizer in %s: using a synthetic one over %d ids", model_dir, synthetic_vocab)
-        return synthetic_tokenizer(synthetic_vocab)
+        vocab, eos = synthetic_for.vocab_size, (synthetic_for.eos_token_ids or [None])[0]
+        logger.info("no tokenizer in %s: using a synthetic one over %d ids", model_dir, vocab)
+        return synthetic_tokenizer(vocab, eos_token_id=eos)
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:  # transformers raises many types here; the user needs the path and the cause

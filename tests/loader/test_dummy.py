@@ -175,3 +175,13 @@ def test_bench_offline_several_batch_sizes_in_one_engine(config_dir, tmp_path):
     argv += ["--cpu-cache-bytes", str(16 << 20), "--output-json", str(out)]
     assert main(argv) == 0
     assert [r["num_prompts"] for r in json.loads(out.read_text())] == [1, 3]
+
+
+def test_synthetic_tokenizer_takes_the_configs_eos(tmp_path):
+    from nextserve.loader.model_loader import load_tokenizer
+    from nextserve.model_config import ModelConfig
+
+    assert main(["bench", "config", "--preset", "tiny", "--out", str(tmp_path)]) == 0
+    mc = ModelConfig.from_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path, synthetic_for=mc)
+    assert tok.eos_token_id == mc.eos_token_ids[0] and len(tok) == mc.vocab_size
