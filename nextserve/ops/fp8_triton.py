@@ -6,8 +6,8 @@ helpers `quantize_tile` and `to_e4m3` from here.
   x / scale with IEEE division (`div_rn`: Triton's plain `/` is an approximate division on the GPU) and a
   saturating round-to-nearest-even cast: bit-equal to the torch reference.
 - linear: x quantised first (quantize_act), then by M:
-  * M <= GEMV_MAX_M (decode): a GEMV over BR weight rows per program, the fp8 weights widened in registers, per
-    128-group partial sums scaled by xs * ws (bound by weight bytes; tl.dot's 16-row minimum wastes it there);
+  * M <= GEMV_MAX_M (one token): a GEMV over BR weight rows per program, the fp8 weights widened in registers,
+    per 128-group partial sums scaled by xs * ws;
   * larger M: a tiled GEMM with tl.dot on fp8 operands; BLOCK_K = 128 = the activation group = the weight block's
     width, so every K tile has one activation scale per row and one weight scale per column block; each tile's fp32
     product is scaled and added to the fp32 accumulator (per-tile promotion: Hopper's fp8 MMA accumulates with
@@ -36,17 +36,20 @@ FP8_DTYPE = torch.float8_e4m3fn
 GROUP = 128  # activation group = weight block: the only block size the kernels take
 BLOCK = (GROUP, GROUP)
 
-# Measured on an H100 SXM (nextserve/bench/fp8_kernels.py --sweep, Qwen3-Next shapes): the dot GEMM's best tile
-# was 64x64 (4 warps, 4 stages) at M = 64 and 128 and 64x128 at M = 8192 (683 us vs 689 for 128x128 at
-# 12288x2048x8192); scaled_mm beat it from M = 128 on (11.2 vs 17.3 us at 12288x2048, 1222 vs 612 TF/s at 8192^3).
-GEMV_MAX_M = 8
-GEMV_TILE = dict(BR=4, BC=1024, num_warps=4)  # the small-batch MoE GEMV's tile (moe_triton.TILES)
-LINEAR_TILES = (  # (max M, tile) for the dot GEMM
-    (16, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4)),
-    (32, dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=4)),
+# Measured on an H100 SXM (nextserve/bench/fp8_kernels.py --sweep, Qwen3-Next shapes, us per call):
+# - GEMV at one token: BC = 2048 beats 1024 (10.2 vs 14.4 at 12288x2048, 7.6 vs 9.0 at 2048x4096); at 4 tokens it
+#   already loses to the dot GEMM's 16-row tile (21.4 vs 10.9 at 12288x2048), so it serves M = 1 only.
+# - dot GEMM: 16x32 with 6 stages up to 32 rows (11.7 at 2048x4096, 7.3 at 512x2048), 16x64 for wide N (10.9 at
+#   12288x2048, M = 16); 64x64 from 33 to 127 rows; 64x128 at 8192 rows (683 vs 689 for 128x128, 8 warps).
+# - scaled_mm beat the dot GEMM from M = 128 on (11.2 vs 17.3 at 12288x2048; 1226 vs 646 TF/s at 8192^3).
+GEMV_MAX_M = 1
+GEMV_TILE = dict(BR=4, BC=2048, num_warps=4)
+LINEAR_TILES = (  # (max M, tile) for the dot GEMM; wide N (>= WIDE_N) takes BLOCK_N = 64 with 4 stages up to 32 rows
+    (32, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=6)),
     (128, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)),
     (None, dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)),
 )
+WIDE_N = 8192
 GROUP_M = 8  # row tiles that share a column band (L2 reuse of the weight tiles)
 # From this many rows on, torch's block-scaled scaled_mm serves the linear when it works (None: never).
 SCALED_MM_MIN_M: int | None = 128
@@ -215,9 +218,12 @@ def _gemv_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(ms < M)[:, None] & mr[None, :])
 
 
-def linear_tile(M: int, N: int | None = None) -> dict:
-    """The dot GEMM's tile for M rows (LINEAR_TILES)."""
-    return next(t for m, t in LINEAR_TILES if m is None or M <= m)
+def linear_tile(M: int, N: int = 0) -> dict:
+    """The dot GEMM's tile for M rows and N output features (LINEAR_TILES)."""
+    tile = next(t for m, t in LINEAR_TILES if m is None or M <= m)
+    if tile["BLOCK_M"] == 16 and N >= WIDE_N:
+        tile = tile | dict(BLOCK_N=64, num_stages=4)
+    return tile
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, block: tuple[int, int]) -> None:
@@ -262,7 +268,7 @@ def linear(
             BM=triton.next_power_of_2(M), BR=br, BC=bc, **t,
         )  # fmt: skip
         return out
-    t = dict(tile or linear_tile(M))
+    t = dict(tile or linear_tile(M, N))
     bm, bn = t.pop("BLOCK_M"), t.pop("BLOCK_N")
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _linear_kernel[grid](
