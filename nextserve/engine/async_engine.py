@@ -102,6 +102,12 @@ class AsyncEngine:
             self.engine.abort(cmd[1])
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:  # the engine thread owns the engine: it releases the model and caches on the way out
+            self.engine.close()
+
+    def _loop(self) -> None:
         while not self._stop:
             # Block only when idle; otherwise drain whatever arrived during the last step.
             try:

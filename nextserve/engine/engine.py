@@ -7,6 +7,7 @@ the requests that progressed. Not thread-safe: AsyncEngine drives it from one th
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import time
@@ -141,6 +142,26 @@ class Engine:
     def max_model_len(self) -> int:
         return self.capacity.context_length
 
+    def close(self) -> None:
+        """Releases the model, the cache pools, the prefix cache and the CUDA graphs (and their memory pools), so
+        that another engine in this process gets the memory. Unfinished requests are aborted. The engine cannot be
+        used afterwards; closing twice is harmless."""
+        if self.model is None:
+            return
+        for rid in list(self.requests):
+            self.abort(rid)
+        self.runner.close()
+        # The spec decoder and the layers' cache views refer back to these; drop every reference, then collect.
+        self.spec = self.scheduler = self.prefix_cache = self.runner = None
+        self.kv_pool = self.state_pool = self.model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _check_open(self) -> None:
+        if self.model is None:
+            raise RuntimeError("this engine is closed")
+
     def _plan_capacity(self) -> Capacity:
         attn = self.model.attention_layers()
         gdn = self.model.linear_attention_layers()
@@ -180,6 +201,7 @@ class Engine:
         return params.max_tokens if params.max_tokens is not None else limit - n
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
+        self._check_open()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -220,12 +242,12 @@ class Engine:
 
     # ---- the step ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self._check_open()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
         t_start = time.perf_counter()
         sampling = [s for s in scheduled if s.samples]
-        prefilled = [s.seq for s in sampling if not s.draft and s.num_tokens > 1]
         snapshots = self.scheduler.plan_snapshots(scheduled, self.capacity.snapshot_interval)
         scratch = self.spec.plan_scratch(scheduled) if self.spec else []
         hidden, logits = self.runner.execute(scheduled, snapshots + scratch)
@@ -237,7 +259,7 @@ class Engine:
             if not s.draft:
                 s.seq.num_cached += s.num_tokens
         # Before sampling: a sequence that finishes now donates its cache, so snapshots must be in place first.
-        self.scheduler.commit_snapshots(scheduled, snapshots, prefilled)
+        self.scheduler.commit_snapshots(scheduled, snapshots)
         self._finishing = []
         self._sample(sampling, logits, scratch, scheduled)
         t_target = time.perf_counter() - t_start

@@ -55,6 +55,8 @@ class Capacity:
 
 
 def cache_budget_bytes(cfg: EngineConfig, device: torch.device, weight_bytes: int) -> int:
+    """GPU: `mem_fraction_static` of the card minus the weights, but never more than is free now (after the weights
+    loaded): memory another engine or process holds is not counted on. CPU: `cpu_cache_bytes`."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         budget = int(total * cfg.mem_fraction_static) - weight_bytes
@@ -63,7 +65,13 @@ def cache_budget_bytes(cfg: EngineConfig, device: torch.device, weight_bytes: in
                 f"the weights take {weight_bytes / 2**30:.1f} GiB, more than --mem-fraction-static "
                 f"{cfg.mem_fraction_static} of {total / 2**30:.1f} GiB leaves for caches"
             )
-        return min(budget, free)
+        chosen = min(budget, free)
+        logger.info(
+            "cache budget %.2f GiB: the smaller of --mem-fraction-static %.2f x %.1f GiB - %.2f GiB of weights and "
+            "the %.2f GiB free now",
+            chosen / 2**30, cfg.mem_fraction_static, total / 2**30, weight_bytes / 2**30, free / 2**30,
+        )  # fmt: skip
+        return chosen
     return cfg.cpu_cache_bytes
 
 

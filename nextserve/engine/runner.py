@@ -31,6 +31,14 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.kv.page_size, max_pages, max_batch, self.device)
         self.graphs.capture()
 
+    def close(self) -> None:
+        """Drops the CUDA graphs and the layers' views of the pools (what would keep the pools alive)."""
+        self.graphs = None
+        for attn in self.model.attention_layers():
+            attn.k_cache = attn.v_cache = None
+        for gdn in self.model.linear_attention_layers():
+            gdn.conv_state = gdn.ssm_state = None
+
     def bind_caches(self) -> None:
         """Gives every layer its views of the pools, once: layer i of a kind gets index i of that pool."""
         for i, attn in enumerate(self.model.attention_layers()):
