@@ -104,6 +104,13 @@ class EngineConfig:
             "acceptance (--no-speculative-adaptive: always num_steps)"
         },
     )
+    allow_reference_kernels: bool = field(
+        default=False,
+        metadata={
+            "help": "on CUDA, run an op on the torch reference when its fast path (Triton, fla-core) fails to "
+            "import, instead of refusing to start"
+        },
+    )
     disable_cuda_graph: bool = field(
         default=False, metadata={"help": "decode eagerly, without CUDA graphs (vLLM: --enforce-eager)"}
     )

@@ -37,6 +37,7 @@ from nextserve.loader.model_loader import (
 )
 from nextserve.model_config import ModelConfig
 from nextserve.models.weights import WeightsError
+from nextserve.ops import backends
 from nextserve.outputs import RequestOutput, TokenLogprob
 from nextserve.sampling_params import SamplingParams
 
@@ -62,6 +63,7 @@ class Engine:
         cfg = self.config = config or EngineConfig.from_kwargs(**kwargs)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.backends = backends.select(self.device, allow_reference=cfg.allow_reference_kernels)
         model_dir = Path(cfg.model) if cfg.model else _default_model_dir()
         self.model_dir = model_dir
         self.model_config = ModelConfig.from_pretrained(model_dir, cfg.model_overrides())

@@ -16,8 +16,10 @@ from nextserve.forward_batch import ForwardBatch
 
 try:  # Triton decode kernel (paged, split-K, capturable in CUDA graphs); absent on CPU-only installs.
     from nextserve.ops import attention_triton
-except ImportError:
-    attention_triton = None
+except ImportError as e:
+    attention_triton, IMPORT_ERROR = None, e
+else:
+    IMPORT_ERROR = None
 
 _QUERY_BLOCK = 1024
 

@@ -16,8 +16,10 @@ from nextserve.forward_batch import ForwardBatch
 
 try:  # Triton fast path; absent on CPU-only installs.
     from nextserve.ops import conv1d_triton
-except ImportError:
-    conv1d_triton = None
+except ImportError as e:
+    conv1d_triton, IMPORT_ERROR = None, e
+else:
+    IMPORT_ERROR = None
 
 
 # Uniform batches (every sequence the same number of new tokens) up to this length take the batched path.

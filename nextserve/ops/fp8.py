@@ -30,8 +30,10 @@ from nextserve.loader.fp8 import FP8_DTYPE, FP8_MAX, dequantize_block_fp8
 
 try:  # Triton fast path; absent on CPU-only installs.
     from nextserve.ops import fp8_triton
-except ImportError:
-    fp8_triton = None
+except ImportError as e:
+    fp8_triton, IMPORT_ERROR = None, e
+else:
+    IMPORT_ERROR = None
 
 # Smallest activation scale: an all-zero group quantises to zeros instead of dividing by zero.
 EPS = 1e-10

@@ -16,8 +16,10 @@ from nextserve.forward_batch import ForwardBatch
 
 try:  # CUDA fast path (Triton, plus fla-core for prefill); absent on CPU-only installs.
     from nextserve.ops import gdn_cuda
-except ImportError:
-    gdn_cuda = None
+except ImportError as e:
+    gdn_cuda, IMPORT_ERROR = None, e
+else:
+    IMPORT_ERROR = None
 
 CHUNK = 64
 # Uniform batches (every sequence the same number of new tokens) up to this length use the batched recurrent form.

@@ -13,8 +13,11 @@ from nextserve.ops import fp8
 
 try:  # Triton kernels (decode and prefill paths); absent on CPU-only installs.
     from nextserve.ops import moe_grouped_triton, moe_triton
-except ImportError:
+except ImportError as e:
     moe_grouped_triton = moe_triton = None
+    IMPORT_ERROR: ImportError | None = e
+else:
+    IMPORT_ERROR = None
 
 # Up to this many tokens the Triton GEMV kernels beat the grouped GEMM's sort-gather-scatter (decode batches; H100
 # at Qwen3-Next shapes: 33 vs 93 us at 1 token, 300 vs 420 us at 16, the grouped GEMM ahead from about 48).

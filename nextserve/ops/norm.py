@@ -18,8 +18,10 @@ import torch.nn.functional as F
 
 try:  # Triton fast path; absent on CPU-only installs.
     from nextserve.ops import norm_triton
-except ImportError:
-    norm_triton = None
+except ImportError as e:
+    norm_triton, IMPORT_ERROR = None, e
+else:
+    IMPORT_ERROR = None
 
 
 def _use_triton(x: torch.Tensor) -> bool:

@@ -16,8 +16,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        moe.moe_triton is None or not (torch.cuda.is_available() or INTERPRET),
-        reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)",
+        not (torch.cuda.is_available() or INTERPRET),
+        reason="needs a CUDA GPU (or TRITON_INTERPRET=1); on a GPU a missing Triton module fails",
     ),
 ]
 F32, BF16 = torch.float32, torch.bfloat16

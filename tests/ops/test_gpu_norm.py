@@ -25,8 +25,8 @@ F32, BF16 = torch.float32, torch.bfloat16
 EPS = 1e-6
 
 needs_kernels = pytest.mark.skipif(
-    norm.norm_triton is None or not (torch.cuda.is_available() or INTERPRET),
-    reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)",
+    not (torch.cuda.is_available() or INTERPRET),
+    reason="needs a CUDA GPU (or TRITON_INTERPRET=1); on a GPU a missing Triton module fails",
 )
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 kernels = norm.norm_triton

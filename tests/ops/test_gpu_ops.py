@@ -87,7 +87,7 @@ def check_gdn(lens, dtype, pool_dtype, snaps_per_seq, seed, hk=2, hv=4, dk=128, 
 
 def require_fla():
     if importlib.util.find_spec("fla") is None:
-        pytest.skip("fla-core is not installed: prefill stays on the reference")
+        pytest.fail("fla-core is not installed: on a GPU it is required (pip install '.[gpu]')")
     from nextserve.ops import gdn_cuda
 
     assert gdn_cuda._fla_chunk is not None, f"fla is installed but failed to import: {gdn_cuda.FLA_IMPORT_ERROR!r}"
