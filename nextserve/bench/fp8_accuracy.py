@@ -28,6 +28,7 @@ from nextserve.forward_batch import ForwardBatch
 from nextserve.layers.quant import Fp8Config
 from nextserve.loader.fp8 import FP8_DTYPE, dequantize_block_fp8
 from nextserve.models.qwen3_next import Qwen3NextForCausalLM
+from nextserve.ops import backends
 
 PAGE_SIZE = 16
 
@@ -190,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
     if args.positions < 1 or args.window < 2 or args.tokens < 1 or not 0 <= args.skip_fraction < 1:
         raise ValueError("--positions, --window and --tokens must be positive; --skip-fraction in [0, 1)")
     device = resolve_device(args.device)
+    backends.select(device)  # refuses a GPU run whose fast paths failed to import
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     result = agreement(args, device, dtype) if args.text else per_layer(args, device, dtype)

@@ -60,6 +60,7 @@ from nextserve.layers.quant import Fp8Config
 from nextserve.loader.fp8 import quantize_block_fp8
 from nextserve.model_config import ModelConfig
 from nextserve.models.qwen3_next import Qwen3NextForCausalLM, Qwen3NextSparseMoeBlock
+from nextserve.ops import backends
 from nextserve.ops import fp8 as fp8_ops
 
 # Left free beyond the pools of a point for activations; a point that still runs out of memory is noted, not fatal.
@@ -489,6 +490,7 @@ def run_model(cfg: ModelConfig, args: argparse.Namespace, device, dtype, quantiz
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    backends.select(device)  # refuses a GPU run whose fast paths failed to import
     dtype = resolve_dtype(args.dtype, device)
     cfg = preset_config(args.preset, args.num_layers)
     _check(args, cfg)
