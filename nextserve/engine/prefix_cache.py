@@ -5,7 +5,7 @@ things: KV pages (owned by nodes, page-aligned spans) and snapshots (state slots
 
   node          a span of whole pages of tokens; owns those KV pages; may hold `snapshot`, the state at its end
   tail          a snapshot a few tokens (< page_size) past a node's end, with the partial page holding their KV;
-                ends of prompts and of requests rarely fall on a page boundary, so they are kept as tails
+                a request's end (finish, abort, preemption) rarely falls on a page boundary, so it is kept as a tail
   lock          running sequences lock the path they use (root .. their node): locked nodes keep their pages
 
 A lookup returns the deepest usable snapshot (aligned or tail) on the query's path, never past `limit`; the

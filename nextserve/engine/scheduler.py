@@ -142,65 +142,58 @@ class Scheduler:
 
     # ---- prefix-cache snapshots taken during a step --------------------------------------------------------
     def plan_snapshots(self, batch: list[ScheduledSeq], interval: int) -> list[tuple[int, int, int]]:
-        """In-step snapshots that a prefill chunk crosses and the tree does not have yet: grid positions
-        (multiples of `interval`) and the point where the prompt branched off the tree's KV (so that the next
-        prompt sharing that prefix reuses all of it). Returns (index in batch, offset in the chunk, slot)."""
+        """In-step snapshots that a prefill chunk crosses and the tree does not have yet. Returns (index in batch,
+        offset in the chunk, slot). Points of a sequence, most valuable first (when the slot budget runs out, the
+        rest are skipped):
+
+        - the end of the prompt: its last page boundary before the last token, (L - 1) // page_size * page_size.
+          A lookup stops at L - 1 (the last token is recomputed for its logits), so a resubmitted prompt resumes
+          there and reuses at least L - page_size tokens whatever L is. Aligned, so no partial page is copied.
+        - the point where the prompt branched off the tree's KV, so that the next prompt sharing that prefix
+          reuses all of it;
+        - the grid: multiples of `interval`, shared by every prompt with the same prefix.
+        """
         if self.cache is None:
             return []
+        ps = self.kv.page_size
         plan = []
         for b, s in enumerate(batch):
             if s.draft:
                 continue  # only verified tokens are snapshotted: a verify step commits after acceptance
             c, seq = s.seq.num_cached, s.seq
             end = min(c + s.num_tokens, len(seq.token_ids) - 1)
-            points = set(range((c // interval + 1) * interval, end + 1, interval))
-            if seq.branch_point is not None and c < seq.branch_point <= end:
-                points.add(seq.branch_point)
-            for g in sorted(points):
-                if not self.cache.has_snapshot_at(seq.token_ids, g):
-                    slot = self.cache.reserve_snapshot()
-                    if slot is None:
-                        break
-                    plan.append((b, g - c, slot))
-        return plan
+            points = [(seq.num_prompt - 1) // ps * ps, seq.branch_point]
+            points += range((c // interval + 1) * interval, end + 1, interval)
+            taken = set()
+            for g in points:
+                if g is None or not c < g <= end or g in taken or self.cache.has_snapshot_at(seq.token_ids, g):
+                    continue
+                slot = self.cache.reserve_snapshot()
+                if slot is None:
+                    break
+                taken.add(g)
+                plan.append((b, g - c, slot))
+        # NOTE: committed in this order, each sequence's points by position: every `_share` must extend the path
+        # the sequence locks (a shorter one would move its lock up, off pages it still reads).
+        return sorted(plan)
 
-    def commit_snapshots(
-        self, batch: list[ScheduledSeq], plan: list[tuple[int, int, int]], prefilled: list[Sequence]
-    ) -> None:
-        """After the step (num_cached advanced, nothing sampled yet): hang the grid snapshots in the tree, then
-        snapshot each prompt in `prefilled` that just finished prefilling (its end rarely falls on a page
-        boundary: a tail, with a copy of the partial page, since the sequence keeps writing into it)."""
+    def commit_snapshots(self, batch: list[ScheduledSeq], plan: list[tuple[int, int, int]]) -> None:
+        """After the step (num_cached advanced, nothing sampled yet): hangs the planned snapshots in the tree."""
         if self.cache is None:
             return
         for b, offset, slot in plan:
             s = batch[b]
             self._attach(s.seq, s.seq.num_cached - s.num_tokens + offset, slot)
-        for seq in prefilled:
-            pos = seq.num_cached
-            if not self.cache.has_snapshot_at(seq.token_ids, pos):
-                slot = self.cache.reserve_snapshot()
-                if slot is not None:
-                    self.states.copy_slot(seq.slot, slot)
-                    self._attach(seq, pos, slot)
 
     def _attach(self, seq: Sequence, pos: int, slot: int) -> None:
-        """Inserts seq's tokens[:pos] into the tree and attaches `slot` (the state at pos) there."""
-        ps = self.kv.page_size
-        aligned = pos // ps * ps
-        node = self._share(seq, aligned)
-        tail_tokens = tuple(seq.token_ids[aligned:pos])
-        page = None
-        if tail_tokens:
-            if not self.reserve_pages(1):
-                self.cache.release(slot)
-                return
-            page = self.kv.allocate(1)[0]
-            self.kv.copy_page(seq.pages[aligned // ps], page)
-        if not self.cache.attach(node, tail_tokens, slot, page):
-            self.cache.release(slot, page)
+        """Inserts seq's tokens[:pos] (pos page-aligned) into the tree and hangs `slot` (the state at pos) there."""
+        node = self._share(seq, pos)
+        if not self.cache.attach(node, (), slot, None):
+            self.cache.release(slot)  # a sequence batched beside this one took the same snapshot
 
     def _share(self, seq: Sequence, aligned: int):
         """Moves seq's pages of tokens[:aligned] into the tree; seq keeps using them (locked)."""
+        assert aligned >= seq.num_shared_pages * self.kv.page_size, "the locked path would shrink"
         node, dups = self.cache.insert(seq.token_ids, seq.pages, aligned)
         self.kv.free(dups)
         self.cache.lock(node)

@@ -52,6 +52,62 @@ def test_identical_prompt_resubmitted(on, off):
     assert a[1].num_cached_tokens >= 150 - 32 and a[2].num_cached_tokens >= 150 - 32
 
 
+# Prompt lengths around the end-of-prompt snapshot (page 16, interval 32): shorter than one interval, one past a page
+# boundary, exactly on one (16 = L - page_size reused), and past the grid's last point by more than a page. The grid
+# alone reuses 0, 0, 0, 64 and 64 of them.
+END_OF_PROMPT_LENGTHS = [17, 20, 32, 81, 96]
+
+
+@pytest.mark.parametrize("length", END_OF_PROMPT_LENGTHS)
+def test_resubmitted_prompt_reuses_all_but_its_last_page(on, off, length):
+    p = rand_ids(length, 1000 + length)
+    a, b = run(on, [p, p]), run(off, [p, p])
+    assert tokens(a) == tokens(b)
+    assert a[0].num_cached_tokens == 0
+    # The end-of-prompt snapshot sits at the last page boundary before the last token.
+    assert a[1].num_cached_tokens == (length - 1) // 16 * 16 >= length - 16
+
+
+@pytest.mark.parametrize(
+    "budget,length",
+    [
+        (24, 81),  # chunks end at 24, 48, 72, 81: the snapshot at 80 lies inside the fourth
+        (40, 81),  # chunks end at 40, 80, 81: the snapshot at 80 is the second chunk's end
+        (10, 32),  # chunks end at 10, 20, 30, 32: the snapshot at 16 lies inside the second
+    ],
+)
+def test_end_of_prompt_snapshot_in_a_later_chunk(tiny_model_dir, off, budget, length):
+    llm = make(tiny_model_dir, True, max_num_batched_tokens=budget)
+    p = rand_ids(length, 2000 + length)
+    a, b = run(llm, [p, p]), run(off, [p, p])
+    assert tokens(a) == tokens(b)
+    assert a[1].num_cached_tokens == (length - 1) // 16 * 16 >= length - 16
+
+
+def finish_all(eng, outs):
+    while eng.has_unfinished():
+        outs.update({o.request_id: o for o in eng.step() if o.finished})
+        eng.check_integrity()
+    return outs
+
+
+@pytest.mark.parametrize("slots,reused", [(1, 80), (0, 0)])
+def test_snapshot_budget_takes_the_end_of_prompt_first(tiny_model_dir, off, slots, reused):
+    # The prompt crosses grid points 32 and 64 and its end-of-prompt point is 80. With one snapshot slot the
+    # end-of-prompt point gets it (the grid is skipped): a copy of the prompt sent while the first still decodes
+    # reuses 80 tokens. With no slot nothing is reused and nothing breaks.
+    p = rand_ids(81, 3000)
+    eng = make(tiny_model_dir, True, max_prefix_snapshots=slots).engine
+    eng.add_request("a", p, GREEDY)
+    outs = {o.request_id: o for o in eng.step() if o.finished}  # prefill + first token
+    eng.check_integrity()
+    eng.add_request("b", p, GREEDY)
+    outs = finish_all(eng, outs)
+    assert outs["b"].num_cached_tokens == reused
+    ref = tokens(run(off, [p]))
+    assert tokens([outs["a"], outs["b"]]) == ref * 2
+
+
 def test_multi_turn_chat_reuses_previous_turn(on, off):
     turn = rand_ids(40, 2)
     prompts_on, prompts_off = [turn], [turn]
@@ -84,9 +140,23 @@ def test_shared_system_prompt(on, off):
 
 
 def test_prompts_shorter_than_interval_and_diverging_inside_a_page(on, off):
+    """Prompts under one interval (no grid point): what they reuse comes from the point where a prompt branched
+    off inside a page (snapshot at that page's start), the end-of-prompt snapshot and the request-end one."""
     base = rand_ids(24, 4)
-    prompts = [base, base[:20] + rand_ids(9, 5), base[:5], base + [7]]
-    assert tokens(run(on, prompts)) == tokens(run(off, prompts))
+    prompts = [base, base[:20] + rand_ids(9, 5), base[:5], base + [7], base[:20] + rand_ids(3, 6)]
+    a = run(on, prompts)
+    assert tokens(a) == tokens(run(off, prompts))
+    hits = [o.num_cached_tokens for o in a]
+    assert hits[0] == 0
+    # The second prompt diverges at 20, inside base's second page: a snapshot at 16 (the branch point, or its
+    # end-of-prompt point (29 - 1) // 16 * 16) serves every later prompt that shares base's first page.
+    assert hits[3] >= 16 and hits[4] >= 16, hits
+    # A short prompt, then its reply and one more token (a chat turn): the request-end snapshot, 5 + 8 - 1 = 12
+    # tokens in, inside the first page.
+    turn = base[:5] + a[2].outputs[0].token_ids + [7]
+    b = run(on, [turn])[0]
+    assert b.outputs[0].token_ids == run(off, [turn])[0].outputs[0].token_ids
+    assert b.num_cached_tokens >= 12, b.num_cached_tokens
 
 
 def test_batched_requests_sharing_a_prefix(tiny_model_dir, off):
