@@ -38,6 +38,7 @@ class KVPool:
         self.page_size = L.page_size
         self.num_pages = num_pages
         self._free: list[int] = list(range(num_pages, 0, -1))  # pop() hands out low pages first
+        self._used: set[int] = set()  # handed out and not given back: catches double and foreign frees
 
     @property
     def num_free(self) -> int:
@@ -53,9 +54,15 @@ class KVPool:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise RuntimeError(f"KV pool exhausted: asked {n} pages, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        pages = [self._free.pop() for _ in range(n)]
+        self._used.update(pages)
+        return pages
 
     def free(self, pages: list[int]) -> None:
+        for p in pages:
+            if p not in self._used:
+                raise RuntimeError(f"KV page {p} freed but not in use (double free)")
+            self._used.remove(p)
         self._free.extend(reversed(pages))
 
     def copy_page(self, src: int, dst: int) -> None:

@@ -43,6 +43,7 @@ class StatePool:
         self.num_scratch = num_scratch
         self._free: list[int] = list(range(num_slots, 0, -1))
         self._scratch_free: list[int] = list(range(num_slots + num_scratch, num_slots, -1))
+        self._used: set[int] = set()  # working and scratch slots handed out: catches double and foreign frees
 
     @property
     def num_free(self) -> int:
@@ -56,20 +57,31 @@ class StatePool:
         if not self._free:
             raise RuntimeError("state pool exhausted")
         slot = self._free.pop()
+        self._used.add(slot)
         self.conv[:, slot].zero_()
         self.ssm[:, slot].zero_()
         return slot
 
     def free(self, slot: int) -> None:
+        self._release(slot, "state slot")
         self._free.append(slot)
+
+    def _release(self, slot: int, what: str) -> None:
+        if slot not in self._used:
+            raise RuntimeError(f"{what} {slot} freed but not in use (double free)")
+        self._used.remove(slot)
 
     def allocate_scratch(self) -> int:
         """A scratch slot for one step (not zeroed: it is written before it is read)."""
         if not self._scratch_free:
             raise RuntimeError("scratch state slots exhausted")
-        return self._scratch_free.pop()
+        slot = self._scratch_free.pop()
+        self._used.add(slot)
+        return slot
 
     def free_scratch(self, slots: list[int]) -> None:
+        for slot in slots:
+            self._release(slot, "scratch slot")
         self._scratch_free.extend(slots)
 
     @property
