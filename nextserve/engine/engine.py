@@ -412,7 +412,10 @@ class Engine:
         self.scheduler.check_integrity()
 
     def stats(self) -> dict[str, float]:
-        """Point-in-time gauges and cumulative counters (the server's /metrics reads these)."""
+        """Point-in-time gauges and cumulative counters (the server's /metrics reads these).
+
+        NOTE: only the thread that steps the engine may call this (it walks queues and the prefix-cache tree that a
+        step mutates); other threads read the snapshot `AsyncEngine.stats()` publishes."""
         running = self.scheduler.running
         cache = self.prefix_cache
         # Pages "used by requests": private pages of running sequences and tree pages on a locked path; the

@@ -1,9 +1,11 @@
 """Prometheus metrics of one server, named `nextserve:*`, in a registry the app owns.
 
 Two sources. Engine-wide numbers (queue lengths, cache occupancy, cumulative token and preemption counts) are read
-from `engine.stats()` when /metrics is scraped, so they cost nothing per step. Latencies are observed by the server
-itself as outputs stream past (`RequestTimer`): time to first token, the gap between token-bearing steps, end-to-end
-latency, and one `request_success_total{finish_reason}` per finished sequence (aborted ones are not successes).
+from `engine.stats()` when /metrics is scraped; for `AsyncEngine` that returns the snapshot its engine thread last
+published, so a scrape, which runs on the HTTP side, never walks structures the engine thread is mutating.
+Latencies are observed by the server itself as outputs stream past (`RequestTimer`): time to first token, the gap
+between token-bearing steps, end-to-end latency, and one `request_success_total{finish_reason}` per finished sequence
+(aborted ones are not successes).
 
 A private `CollectorRegistry` (not prometheus_client's global one) lets several apps live in one test process.
 """
