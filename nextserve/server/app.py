@@ -9,7 +9,8 @@ generation_defaults, generate, abort, stats). Contracts:
   missing or wrong bearer key on /v1 routes, 404 for an unknown model or route, 405 for a wrong method. A 500 means
   a server bug; it is logged with its traceback. Errors after a stream started are sent as a final `data:` event.
 - A request ends in the engine exactly once: it finishes, or it is aborted when its client disconnects (streaming or
-  not) or the handler fails. `_Server.generate` is the only place that calls `engine.generate`, and it guarantees
+  not) or the handler fails. A client that disconnects while still sending its body never reached the engine: one
+  DEBUG line, no error. `_Server.generate` is the only place that calls `engine.generate`, and it guarantees
   that (aclose + abort, shielded from the cancellation that a disconnect delivers).
 """
 
@@ -27,6 +28,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from nextserve.outputs import RequestOutput
 from nextserve.sampling_params import SamplingParams
@@ -50,6 +52,7 @@ from nextserve.server.protocol import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R", ChatCompletionRequest, CompletionRequest)
 
 _STATUS_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed"}
 
@@ -358,23 +361,27 @@ def build_app(
     app.state.server = srv
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(srv.check_api_key)])
 
-    async def answer(request: Request, handler: Callable[[], Awaitable[Response]]) -> Response:
+    async def answer(request: Request, kind: type[R], handler: Callable[[R], Awaitable[Response]]) -> Response:
         try:
-            return await handler()
+            body = await request.body()
+        except ClientDisconnect:
+            # Gone before its body arrived: nothing was queued, nothing to abort.
+            logger.debug("client disconnected while sending its request body (%s)", request.url.path)
+            return Response(status_code=499)  # nobody reads it
+        req = parse_request(body, kind)
+        srv.check_model(req.model)
+        try:
+            return await handler(req)
         except _ClientGone:
             return Response(status_code=499)  # nobody reads it; the engine requests were aborted
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = parse_request(await request.body(), ChatCompletionRequest)
-        srv.check_model(req.model)
-        return await answer(request, lambda: _chat_completions(srv, request, req))
+        return await answer(request, ChatCompletionRequest, lambda req: _chat_completions(srv, request, req))
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
-        req = parse_request(await request.body(), CompletionRequest)
-        srv.check_model(req.model)
-        return await answer(request, lambda: _completions(srv, request, req))
+        return await answer(request, CompletionRequest, lambda req: _completions(srv, request, req))
 
     def model_card() -> dict[str, Any]:
         return {
