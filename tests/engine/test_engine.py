@@ -82,9 +82,21 @@ def test_small_kv_pool_preempts_and_outputs_are_unchanged(tiny_model_dir, alone)
     assert llm.engine.kv_pool.num_used == 0
 
 
-def test_bf16_recurrent_state_stays_close(tiny_model_dir, alone):
-    """--mamba-ssm-dtype bfloat16 halves the state pool; greedy outputs start the same as with fp32 state."""
-    llm = make_llm(tiny_model_dir, mamba_ssm_dtype="bfloat16")
+def test_bf16_recurrent_state_stays_close(tiny_model_dir):
+    """--mamba-ssm-dtype bfloat16 halves the state pool. Every decode step (and every prefill chunk after the
+    first, with a 64-token budget) starts from the stored state, so 24 greedy tokens and their logprobs must track
+    a run with fp32 state: a state that is not stored, or stored wrongly, makes them diverge within a few steps."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    ref = make_llm(tiny_model_dir, max_num_batched_tokens=64).generate(prompts(), params)
+    llm = make_llm(tiny_model_dir, mamba_ssm_dtype="bfloat16", max_num_batched_tokens=64)
     assert llm.engine.state_pool.ssm.dtype == torch.bfloat16
-    outs = [o.outputs[0].token_ids for o in llm.generate(prompts(), GREEDY)]
-    assert sum(a[0] == b[0] for a, b in zip(outs, alone)) >= len(alone) - 1
+    outs = llm.generate(prompts(), params)
+    whole, diffs = 0, []
+    for ours, theirs in zip(outs, ref):
+        a, b = ours.outputs[0], theirs.outputs[0]
+        n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(b.token_ids))
+        whole += n == len(b.token_ids) == 24
+        # Logprobs of the same tokens after the same context: bf16 rounding of the state moves them by ~1e-3.
+        diffs += [abs(x.logprob - y.logprob) for x, y in zip(a.logprobs[:n], b.logprobs[:n])]
+    assert whole >= len(ref) - 2, f"only {whole} of {len(ref)} greedy continuations agree for 24 tokens"
+    assert max(diffs) < 0.2 and sum(diffs) / len(diffs) < 5e-3, (max(diffs), sum(diffs) / len(diffs))
