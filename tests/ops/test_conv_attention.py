@@ -22,19 +22,29 @@ def test_conv_split_into_steps_equals_one_pass():
 
 
 def test_conv_parts_and_column_map_equal_the_plain_conv():
-    """parts split the output; columns read x[:, columns] (the model's projection, wider than the conv)."""
+    """parts split the output; columns read x[:, columns] (the model's projection, wider than the conv). The
+    reference is the convolution written out: per sequence and channel, the saved window then the mapped column,
+    sum_k w[c, k] * u[t + k], SiLU."""
     C, K, T, X = 6, 4, 9, 10
     g = torch.Generator().manual_seed(2)
     wide, w = torch.randn(T, X, generator=g), torch.randn(C, K, generator=g)
     columns = torch.tensor([7, 0, 3, 9, 4, 1], dtype=torch.int32)
-    plain_states = torch.randn(3, C, K - 1, generator=g)
-    states = plain_states.clone()
-    batch = ForwardBatch.build([4, 5], [0, 3], [1, 2], [[1], [2]], 16)
-    plain = causal_conv1d(wide[:, columns.long()], w, plain_states, batch)
+    states = torch.randn(3, C, K - 1, generator=g)
+    before = states.clone()
+    lens, slots = [4, 5], [1, 2]
+    batch = ForwardBatch.build(lens, [0, 3], slots, [[1], [2]], 16)
     parts = causal_conv1d(wide, w, states, batch, [2, 1, 3], columns=columns)
-    assert [p.shape[1] for p in parts] == [2, 1, 3]
-    assert torch.equal(torch.cat(parts, dim=1), plain)
-    assert torch.equal(states, plain_states)
+    assert [p.shape for p in parts] == [(T, 2), (T, 1), (T, 3)]
+    ref, start = torch.empty(T, C), 0
+    for n, slot in zip(lens, slots):
+        for c in range(C):
+            u = before[slot, c].tolist() + [wide[start + t, int(columns[c])].item() for t in range(n)]
+            for t in range(n):
+                ref[start + t, c] = F.silu(torch.tensor(sum(w[c, k].item() * u[t + k] for k in range(K))))
+            assert torch.equal(states[slot, c], torch.tensor(u[-(K - 1) :])), (slot, c)
+        start += n
+    torch.testing.assert_close(torch.cat(parts, dim=1), ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(states[0], before[0])  # slot 0 belongs to no sequence
 
 
 def test_paged_attention_with_cached_prefix_matches_dense():
