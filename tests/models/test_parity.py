@@ -3,6 +3,8 @@
 Prefill logits at every position, then 16 single-token decode steps (transformers' own control flow: full prefill,
 then T=1 steps from its cache), must agree to 1e-4."""
 
+import zlib
+
 import pytest
 import torch
 from tiny import hf_model, tiny_config
@@ -70,7 +72,7 @@ def make_model(cfg: dict, ref) -> Qwen3NextForCausalLM:
 @torch.inference_mode()
 def test_prefill_and_decode_logits_match_transformers(name):
     cfg = CONFIGS[name]
-    ref = hf_model(cfg, seed=hash(name) % 1000)
+    ref = hf_model(cfg, seed=zlib.crc32(name.encode()) % 1000)  # hash() of a str changes with PYTHONHASHSEED
     model = make_model(cfg, ref)
     prompt = torch.randint(0, cfg["vocab_size"], (1, 70), generator=torch.Generator().manual_seed(1))
     pages = list(range(1, 64))
