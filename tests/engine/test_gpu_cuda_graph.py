@@ -80,25 +80,26 @@ def _greedy(llm, n=9, max_tokens=24):
 
 
 def _count_replays(llm) -> list[int]:
+    """Wraps the engine's graph replays: the returned list gets the batch size (sequences) of every replay."""
     graphs = llm.engine.runner.graphs
     assert graphs is not None, "the engine did not capture decode graphs"
-    calls = [0]
+    batches = []
     run = graphs.run
 
-    def counted(*a):
-        calls[0] += 1
-        return run(*a)
+    def counted(ids, *a):
+        batches.append(len(ids))
+        return run(ids, *a)
 
     graphs.run = counted
-    return calls
+    return batches
 
 
 def test_engine_greedy_with_graphs_equals_eager(tiny_model_dir):
     eager = _greedy(_llm(tiny_model_dir, disable_cuda_graph=True))
     llm = _llm(tiny_model_dir)
-    calls = _count_replays(llm)
+    replays = _count_replays(llm)
     graphs = _greedy(llm)
-    assert calls[0] >= 20  # the decode steps went through the graphs
+    assert len(replays) >= 20  # the decode steps went through the graphs
     # Padding changes the GEMMs' row counts, so a bf16 near-tie could in principle flip; none does on this model.
     assert graphs == eager
 
@@ -107,6 +108,12 @@ def test_engine_graphs_with_spec_decode_and_prefix_cache(tiny_mtp_model_dir):
     kw = dict(speculative_algorithm="NEXTN", speculative_num_steps=2, page_size=16, prefix_snapshot_interval=32)
     eager = _greedy(_llm(tiny_mtp_model_dir, disable_cuda_graph=True, **kw))
     llm = _llm(tiny_mtp_model_dir, **kw)
-    _count_replays(llm)
+    replays = _count_replays(llm)
     assert _greedy(llm) == eager
-    assert llm.engine.runner.graphs.max_batch >= 1
+    eng = llm.engine
+    # Both kinds of decode step ran: verify steps (eager) and, once the adaptive policy drops to zero drafts on
+    # this random MTP head, plain decode steps replayed from the graphs, with several sequences per replay.
+    assert eng.spec.stats.verify_steps > 0, "no speculative verify step ran"
+    assert len(replays) > 0, "no decode step replayed a CUDA graph"
+    assert max(replays) > 1, f"every replay ran one sequence: {replays}"
+    assert eng.prefix_cache is not None and eng.prefix_cache.num_snapshots > 0  # snapshots beside the graphs
