@@ -135,15 +135,25 @@ def test_chat_n2(client: openai.OpenAI, engine: FakeEngine) -> None:
     assert got[0]["finish"] == got[1]["finish"] == "stop"
 
 
+def last_params(engine: FakeEngine):
+    return list(engine.records.values())[-1].params
+
+
 def test_stop_strings_and_max_tokens(client: openai.OpenAI, engine: FakeEngine) -> None:
+    """The server's part: stop and max_tokens reach the engine's SamplingParams, and the engine's text, finish and
+    stop reasons come back as sent, plain and streamed. (Stopping itself is the engine's: the FakeEngine plays it
+    here; test_real_engine.py::test_chat_stop_strings_and_max_tokens checks the real one.)"""
     engine.script("one two three four five")
     r = client.chat.completions.create(model=MODEL, messages=USER, stop=[" three", "nine"])
+    assert last_params(engine).stop == [" three", "nine"]
     assert r.choices[0].message.content == "one two"
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].model_extra["stop_reason"] == " three"
     got = collect_chat_stream(client.chat.completions.create(model=MODEL, messages=USER, stop=" four", stream=True))
+    assert last_params(engine).stop == [" four"]
     assert got[0]["content"] == "one two three" and got[0]["finish"] == "stop"
     r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2)
+    assert last_params(engine).max_tokens == 2
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2
 
 
@@ -173,6 +183,9 @@ def test_logprob_bytes_of_a_split_character(client: openai.OpenAI, engine: FakeE
 
 
 def test_cached_tokens_in_usage(client: openai.OpenAI, engine: FakeEngine) -> None:
+    """The server reports the engine's num_cached_tokens as usage.prompt_tokens_details.cached_tokens, plain and
+    streamed (the figures are the FakeEngine's; test_real_engine.py::test_cached_tokens_in_chat_usage checks the
+    real prefix cache's)."""
     messages = [{"role": "user", "content": "A long and rather unusual question about prefix caching " * 3}]
     first = client.chat.completions.create(model=MODEL, messages=messages)
     second = client.chat.completions.create(model=MODEL, messages=messages)

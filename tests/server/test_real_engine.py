@@ -62,17 +62,56 @@ def test_chat_completion_and_stream(client):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
+def stop_across_a_token_boundary(tokens: list[str], start: int) -> tuple[int, str]:
+    """A stop string that a greedy run will meet, made of two of its own tokens: tokens[k] + tokens[k + 1] for the
+    first k >= start where both are plain printable ASCII and the first is not blank. Returns (k + 1, the string):
+    the run must stop by token k + 1."""
+
+    def plain(t: str) -> bool:
+        return t.isascii() and t.isprintable()
+
+    ok = [plain(a) and plain(b) and a.strip() for a, b in zip(tokens, tokens[1:])]
+    k = next(i for i in range(start, len(ok)) if ok[i])
+    return k + 1, tokens[k] + tokens[k + 1]
+
+
 def test_completions_n2_logprobs_stop(client):
     r = client.completions.create(
         model=MODEL, prompt=ids(20, 1), max_tokens=5, n=2, temperature=1.0, seed=3, logprobs=2
     )
     assert len(r.choices) == 2 and all(len(c.logprobs.tokens) <= 5 for c in r.choices)
-    greedy = client.completions.create(model=MODEL, prompt=ids(20, 1), max_tokens=12, temperature=0)
-    text = greedy.choices[0].text
-    stop = text[4:7]
-    if stop.strip():
-        cut = client.completions.create(model=MODEL, prompt=ids(20, 1), max_tokens=12, temperature=0, stop=[stop])
-        assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == text[: text.index(stop)]
+    # Stop strings: a first greedy run (EOS ignored, so it runs 12 tokens); two of its own tokens, from the fourth
+    # on, as the stop string of a second run, which must end where that text first appears.
+    kw = dict(model=MODEL, prompt=ids(20, 1), max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    greedy = client.completions.create(logprobs=0, **kw).choices[0]
+    text = greedy.text
+    assert greedy.finish_reason == "length" and len(greedy.logprobs.tokens) == 12
+    k, stop = stop_across_a_token_boundary(greedy.logprobs.tokens, 3)
+    cut = client.completions.create(stop=[stop, "\x00never"], **kw)
+    assert cut.choices[0].finish_reason == "stop", (text, stop)
+    assert cut.choices[0].model_extra["stop_reason"] == stop
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.usage.completion_tokens <= k + 1 < 12
+
+
+def test_chat_stop_strings_and_max_tokens(client):
+    """The engine's own stop-string and max_tokens handling through the chat endpoint (test_app.py checks the
+    server's translation over a scripted engine)."""
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Speak, ROMEO."}], temperature=0)
+    kw["extra_body"] = {"ignore_eos": True}
+    greedy = client.chat.completions.create(max_tokens=12, logprobs=True, **kw).choices[0]
+    text = greedy.message.content
+    assert greedy.finish_reason == "length" and text == "".join(e.token for e in greedy.logprobs.content)
+    k, stop = stop_across_a_token_boundary([e.token for e in greedy.logprobs.content], 3)
+    r = client.chat.completions.create(max_tokens=12, stop=[stop, "\x00never"], **kw)
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].model_extra["stop_reason"] == stop
+    assert r.choices[0].message.content == text[: text.index(stop)]
+    assert r.usage.completion_tokens <= k + 1 < 12
+    got = list(client.chat.completions.create(max_tokens=12, stop=stop, stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in got if c.choices) == text[: text.index(stop)]
+    assert [c.choices[0].finish_reason for c in got if c.choices and c.choices[0].finish_reason] == ["stop"]
+    r = client.chat.completions.create(max_tokens=2, **kw)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2
 
 
 def cached(usage) -> int:
@@ -86,6 +125,20 @@ def test_identical_prompt_reuses_all_but_an_interval(client):
     assert cached(first.usage) == 0
     assert cached(second.usage) >= 300 - INTERVAL
     assert second.choices[0].text == first.choices[0].text
+
+
+def test_cached_tokens_in_chat_usage(client):
+    """usage.prompt_tokens_details.cached_tokens of a resubmitted chat prompt of 300+ tokens, plain and streamed
+    (test_app.py checks the server's translation over a scripted engine)."""
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Thou art a prefix, cached and kept. " * 30}])
+    kw.update(max_tokens=2, temperature=0)
+    first = client.chat.completions.create(**kw)
+    n = first.usage.prompt_tokens
+    assert n >= 300
+    second = client.chat.completions.create(**kw)
+    streamed = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert cached(first.usage) < n - INTERVAL <= cached(second.usage) < n
+    assert n - INTERVAL <= cached(streamed[-1].usage) < n
 
 
 def test_multi_turn_reuses_previous_prompt_and_reply(client):
