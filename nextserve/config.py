@@ -104,6 +104,13 @@ class EngineConfig:
             "acceptance (--no-speculative-adaptive: always num_steps)"
         },
     )
+    debug_check_integrity: bool = field(
+        default=False,
+        metadata={
+            "help": "check, whenever the engine goes idle, that every KV page and state slot is owned exactly once "
+            "(free list, running sequence or prefix cache); also on with NEXTSERVE_DEBUG_CHECK_INTEGRITY=1"
+        },
+    )
     allow_reference_kernels: bool = field(
         default=False,
         metadata={

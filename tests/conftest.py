@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Every engine a test makes (servers started as subprocesses too) checks page and slot ownership whenever it goes idle.
+os.environ["NEXTSERVE_DEBUG_CHECK_INTEGRITY"] = "1"
 # Tiny models: one thread beats two (no OpenMP hand-offs), and stays fast when the machine is busy.
 torch.set_num_threads(1)
 

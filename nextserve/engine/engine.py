@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -125,6 +126,8 @@ class Engine:
         self._seq_ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        env = os.environ.get("NEXTSERVE_DEBUG_CHECK_INTEGRITY") == "1"
+        self._check_when_idle = cfg.debug_check_integrity or env
 
     def _setup_cuda_graphs(self) -> None:
         cfg = self.config
@@ -237,6 +240,7 @@ class Engine:
             if not seq.finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
+        self._idle_check()
         return req.output()
 
     def has_unfinished(self) -> bool:
@@ -275,7 +279,12 @@ class Engine:
             outputs.append(req.output())
             if req.finished:
                 self.requests.pop(rid, None)
+        self._idle_check()
         return outputs
+
+    def _idle_check(self) -> None:
+        if self._check_when_idle and not self.has_unfinished():
+            self.check_integrity()
 
     def sampling_row(self, seq: Sequence, extra_output: list[int] = ()) -> SamplingRow:
         p = seq.params

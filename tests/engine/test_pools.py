@@ -58,3 +58,18 @@ def test_random_allocate_free_keeps_every_id_owned_once():
             held.append(kv.allocate(n))
         owned = sorted(kv.free_pages() + [p for g in held for p in g])
         assert owned == list(range(1, 65))
+
+
+def test_engine_checks_ownership_when_it_goes_idle(monkeypatch):
+    from nextserve import LLM, SamplingParams
+
+    monkeypatch.delenv("NEXTSERVE_DEBUG_CHECK_INTEGRITY", raising=False)
+    params = SamplingParams(temperature=0, max_tokens=2)
+    with LLM(disable_tqdm=True, cpu_cache_bytes=16 << 20, debug_check_integrity=True) as llm:
+        llm.generate(["ROMEO:"], params, use_tqdm=False)
+        llm.engine.kv_pool._free.pop()  # a page leaks: owned by no one
+        with pytest.raises(AssertionError, match="KV pages leaked"):
+            llm.generate(["ROMEO:"], params, use_tqdm=False)
+    with LLM(disable_tqdm=True, cpu_cache_bytes=16 << 20) as llm:  # off: the same leak goes unnoticed
+        llm.engine.kv_pool._free.pop()
+        llm.generate(["ROMEO:"], params, use_tqdm=False)
