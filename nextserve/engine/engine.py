@@ -22,7 +22,7 @@ from nextserve.engine.detokenizer import IncrementalDetokenizer
 from nextserve.engine.kv_pool import KVLayout, KVPool
 from nextserve.engine.memory import Capacity, cache_budget_bytes, check_weights_fit, plan_capacity, weight_bytes
 from nextserve.engine.prefix_cache import PrefixCache
-from nextserve.engine.request import Request, Sequence
+from nextserve.engine.request import Request, SeqStatus, Sequence
 from nextserve.engine.runner import ModelRunner
 from nextserve.engine.sampler import SamplingRow, build_sampling_batch, sample
 from nextserve.engine.scheduler import ScheduledSeq, Scheduler
@@ -349,7 +349,7 @@ class Engine:
             if seq.logprobs is None:
                 seq.logprobs = []
         for i, tok in enumerate(tokens):
-            if seq.finish_reason is not None:
+            if seq.stopped:
                 break
             if want is not None:
                 alts = list(zip(top.indices[i].tolist(), top.values[i].tolist())) if want else []
@@ -365,7 +365,7 @@ class Engine:
         decoding = [
             s.seq
             for s in scheduled
-            if s.seq.finish_reason is None and s.seq.num_uncached == 1 and s.seq.slot is not None
+            if not s.seq.stopped and s.seq.num_uncached == 1 and s.seq.slot is not None
         ]
         k = self.spec.policy.choose(len(decoding)) if decoding else 0
         if k == 0:
@@ -398,13 +398,13 @@ class Engine:
             seq.text += delta
             if stop_hit is not None:
                 self._finish(seq, "stop", stop_hit)
-        if seq.finish_reason is None and (
+        if not seq.stopped and (
             len(seq.output_ids) >= seq.request.max_tokens or len(seq.token_ids) >= self.max_model_len
         ):
             self._finish(seq, "length", None)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.status, seq.finish_reason, seq.stop_reason = SeqStatus.STOPPED, reason, stop_reason
         if not seq.detok.finished:
             # Text held back (a possible stop-string start, an incomplete character) is final now.
             seq.text += seq.detok.step([], finished=True)[0]

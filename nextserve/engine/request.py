@@ -10,19 +10,26 @@ once every known token is cached.
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from nextserve.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from nextserve.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from nextserve.engine.detokenizer import IncrementalDetokenizer
+    from nextserve.engine.prefix_cache import Node
+
 
 class SeqStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
+    """The one record of where a sequence is; `finish_reason` only says why it stopped."""
+
+    WAITING = "waiting"  # queued, or preempted: holds no pages or slot
+    RUNNING = "running"  # scheduled; holds its pages and slot
+    STOPPED = "stopped"  # generation ended this step; its caches are released when the step ends
+    FINISHED = "finished"  # stopped or aborted, caches given back
 
 
 @dataclass(eq=False)
@@ -33,7 +40,7 @@ class Sequence:
     token_ids: list[int]
     num_prompt: int
     generator: torch.Generator | None
-    detok: object  # IncrementalDetokenizer
+    detok: IncrementalDetokenizer
     status: SeqStatus = SeqStatus.WAITING
     num_cached: int = 0
     pages: list[int] = field(default_factory=list)
@@ -42,15 +49,14 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None
-    first_token_time: float | None = None
     # Prefix cache: pages[:num_shared_pages] belong to the tree; tree_node is the deepest node of the locked path.
     num_shared_pages: int = 0
-    tree_node: object | None = None
+    tree_node: Node | None = None
     num_cached_at_admission: int | None = None
     branch_point: int | None = None  # where this prompt leaves the tree's KV: snapshotted during prefill
     # Speculative decoding: draft tokens to verify next step, and their draft distributions (sampled rows).
     draft: list[int] = field(default_factory=list)
-    draft_probs: object | None = None
+    draft_probs: torch.Tensor | None = None
 
     @property
     def params(self) -> SamplingParams:
@@ -63,6 +69,11 @@ class Sequence:
     @property
     def num_uncached(self) -> int:
         return len(self.token_ids) - self.num_cached
+
+    @property
+    def stopped(self) -> bool:
+        """Generation has ended (the caches may still be held until the step ends)."""
+        return self.status in (SeqStatus.STOPPED, SeqStatus.FINISHED)
 
     @property
     def finished(self) -> bool:
@@ -85,7 +96,6 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int
-    arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
 
     @property
