@@ -27,28 +27,13 @@ from string import ascii_lowercase
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from nextserve.bench.words import WORDS
+
 IM_START, IM_END, ENDOFTEXT, UNK = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<unk>"
 
 ROLES = ("system", "user", "assistant", "tool")
 
-# NOTE: the same words as `nextserve/bench/serve.py`'s WORDS (the loader must not import the benchmark client);
-# tests/loader/test_synthetic_tokenizer.py checks that every one of those is a word here.
-ENGLISH = (
-    "time year people way day man thing woman life child world school state family student group country "
-    "problem hand part place case week company system program question work government number night point "
-    "home water room mother area money story fact month lot right study book eye job word business issue "
-    "side kind head house service friend father power hour game line end member law car city community "
-    "name president team minute idea kid body information back parent face others level office door "
-    "health person art war history party result change morning reason research girl guy moment air "
-    "teacher force education foot boy age policy music market sense nation plan college interest death "
-    "experience effect class control care field development role effort rate heart drug show leader light "
-    "voice wife police mind price report decision son view relationship town road arm difference value "
-    "building action model season society tax director position player record paper space ground form "
-    "event official matter center couple site project activity star table need court oil situation cost "
-    "industry figure street image phone data picture practice piece land product doctor wall patient "
-    "worker news test movie north love support technology step baby computer type attention film tree "
-    "source organization hair window evidence population green small large good new old great high"
-).split()
+ENGLISH = WORDS  # bench serve's prompt words, so that its prompts of N words are N tokens
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"

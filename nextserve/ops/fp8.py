@@ -101,23 +101,15 @@ def experts_reference(
 ) -> torch.Tensor:
     """sum_k weights[n, k] * expert_{ids[n, k]}(x[n]) with block-FP8 experts; the bf16 reference's order of
     roundings (GEMM outputs in x's dtype, weight x output in fp32 then cast, accumulation in x's dtype)."""
-    out = torch.zeros_like(x)
+    from nextserve.ops.moe import expert_loop  # moe imports this module
+
     inter = w2.shape[-1]
     xa = _act_ref(x, block[1])  # each token is quantised once for all its experts
-    flat_ids = ids.flatten()
-    order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
-    token_of = order // ids.shape[1]
-    w_sorted = weights.flatten()[order]
-    start = 0
-    for e, c in enumerate(counts):
-        if c == 0:
-            continue
-        tok = token_of[start : start + c]
+
+    def mlp(e: int, tok: torch.Tensor) -> torch.Tensor:
         h = (xa[tok] @ dequantize_w13(w13[e], w13_scale[e], block).T).to(x.dtype)  # [c, 2I]
         h = F.silu(h[:, :inter]) * h[:, inter:]
         wd = dequantize_block_fp8(w2[e], w2_scale[e], block, torch.float32)
-        y = (_act_ref(h, block[1]) @ wd.T).to(x.dtype)  # [c, H]
-        out.index_add_(0, tok, (y * w_sorted[start : start + c, None].to(y.dtype)).to(x.dtype))
-        start += c
-    return out
+        return (_act_ref(h, block[1]) @ wd.T).to(x.dtype)  # [c, H]
+
+    return expert_loop(x, w13.shape[0], weights, ids, mlp)

@@ -174,11 +174,23 @@ def experts_reference(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
     """Torch reference: loops over the experts that received tokens."""
-    out = torch.zeros_like(x)
     inter = w2.shape[-1]
+
+    def mlp(e: int, tok: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x[tok], w13[e])  # [c, 2I]
+        return F.linear(F.silu(h[:, :inter]) * h[:, inter:], w2[e])  # [c, H]
+
+    return expert_loop(x, w13.shape[0], weights, ids, mlp)
+
+
+def expert_loop(x: torch.Tensor, num_experts: int, weights: torch.Tensor, ids: torch.Tensor, mlp) -> torch.Tensor:
+    """sum_k weights[n, k] * expert ids[n, k] applied to token n, expert by expert in ascending order over the
+    experts that got tokens; `mlp(e, tok) -> [len(tok), H]` is expert e on the tokens at indices `tok` (the
+    references, bf16 and FP8, differ only there)."""
+    out = torch.zeros_like(x)
     flat_ids = ids.flatten()
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
     token_of = order // ids.shape[1]
     w_sorted = weights.flatten()[order]
     start = 0
@@ -186,9 +198,7 @@ def experts_reference(
         if c == 0:
             continue
         tok = token_of[start : start + c]
-        h = F.linear(x[tok], w13[e])  # [c, 2I]
-        h = F.silu(h[:, :inter]) * h[:, inter:]
-        y = F.linear(h, w2[e])  # [c, H]
+        y = mlp(e, tok)
         # NOTE: weight x output in fp32, cast, then accumulate in the model dtype (transformers' order).
         out.index_add_(0, tok, (y * w_sorted[start : start + c, None].to(y.dtype)).to(x.dtype))
         start += c
