@@ -167,27 +167,14 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
 
 
 @dataclass(frozen=True)
-class WeightBytes:
-    """Bytes of one geometry's weights by part as the model stores them (single rank, no MTP head): FP8 weights
-    1 byte per parameter plus their fp32 block scales, every other parameter in the model dtype. `*_fp8` count the
-    parameters of FP8 weights in that part (their matmuls run at the FP8 rate)."""
+class WeightBytes(ParamCounts):
+    """ParamCounts' parts in bytes as the model stores them (single rank, no MTP head): FP8 weights 1 byte per
+    parameter plus their fp32 block scales (`expert` includes its share of the packed scales), every other
+    parameter in the model dtype. `*_fp8` count the parameters of FP8 weights in that part (their matmuls run at
+    the FP8 rate)."""
 
-    embed: int
-    lm_head: int  # 0 when tied to the embedding
-    dense: int  # everything else except the routed experts (see ParamCounts)
-    expert: int  # one routed expert of one layer, its share of the packed block scales included
-    num_experts: int
-    num_moe_layers: int
-    dense_fp8: int
-    expert_fp8: int
-
-    @property
-    def routed(self) -> int:
-        return self.num_moe_layers * self.num_experts * self.expert
-
-    @property
-    def total(self) -> int:
-        return self.embed + self.lm_head + self.dense + self.routed
+    dense_fp8: int = 0
+    expert_fp8: int = 0
 
 
 def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, quant: Fp8Config | None = None) -> WeightBytes:
