@@ -68,9 +68,9 @@ def select(device: torch.device, allow_reference: bool = False) -> dict[str, str
             )
         logger.warning("running on the torch reference instead of the CUDA fast path: %s", lines)
     if device.type == "cuda" and chosen["fp8"] == "triton":
-        from nextserve.ops import fp8_triton
+        from nextserve.ops import fp8  # its fp8_triton: the module that imported (never import Triton here)
 
-        if fp8_triton.SCALED_MM_MIN_M is not None:
-            chosen["fp8"] = f"triton+scaled_mm(M>={fp8_triton.SCALED_MM_MIN_M})"
+        if fp8.fp8_triton.SCALED_MM_MIN_M is not None:
+            chosen["fp8"] = f"triton+scaled_mm(M>={fp8.fp8_triton.SCALED_MM_MIN_M})"
     logger.info("backends on %s: %s", device.type, " ".join(f"{op}={impl}" for op, impl in chosen.items()))
     return chosen
