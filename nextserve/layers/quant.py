@@ -11,6 +11,7 @@ stay as they are.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # Linears the official FP8 checkpoints keep in bf16 (tiny outputs, or read at full precision by the routing).
@@ -34,3 +35,8 @@ class Fp8Config:
 
 def fp8_block(quant: Fp8Config | None, name: str) -> tuple[int, int] | None:
     return quant.block_for(name) if quant is not None else None
+
+
+def fp8_blocks(quant: Fp8Config | None, prefix: str) -> Callable[[str], tuple[int, int] | None]:
+    """For the modules under `prefix`: child name -> its FP8 block, or None when it is not FP8."""
+    return lambda name: fp8_block(quant, f"{prefix}.{name}")

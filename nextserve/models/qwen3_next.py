@@ -22,7 +22,7 @@ from torch import nn
 
 from nextserve.forward_batch import ForwardBatch
 from nextserve.layers.linear import Linear, column_parallel, replicated, row_parallel, split_parts
-from nextserve.layers.quant import Fp8Config, fp8_block
+from nextserve.layers.quant import Fp8Config, fp8_block, fp8_blocks
 from nextserve.layers.rotary import RotaryEmbedding, apply_rotary
 from nextserve.loader.fp8 import FP8_DTYPE, scale_shape
 from nextserve.model_config import ModelConfig
@@ -60,7 +60,7 @@ class Qwen3NextAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, comm: Communicator, dtype: torch.dtype, quant, prefix):
         super().__init__()
-        fp8 = lambda name: fp8_block(quant, f"{prefix}.{name}")  # noqa: E731
+        fp8 = fp8_blocks(quant, prefix)
         D = self.head_dim = cfg.head_dim
         self.num_heads = ctx.split(cfg.num_attention_heads, "num_attention_heads")
         kv = cfg.num_key_value_heads
@@ -104,7 +104,7 @@ class Qwen3NextGatedDeltaNet(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, comm: Communicator, dtype: torch.dtype, quant, prefix):
         super().__init__()
-        fp8 = lambda name: fp8_block(quant, f"{prefix}.{name}")  # noqa: E731
+        fp8 = fp8_blocks(quant, prefix)
         self.hk = ctx.split(cfg.linear_num_key_heads, "linear_num_key_heads")
         self.hv = ctx.split(cfg.linear_num_value_heads, "linear_num_value_heads")
         self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
@@ -166,7 +166,7 @@ class Qwen3NextMLP(nn.Module):
 
     def __init__(self, H: int, inter: int, ctx: ParallelContext, comm: Communicator | None, dtype, quant, prefix):
         super().__init__()
-        fp8 = lambda name: fp8_block(quant, f"{prefix}.{name}")  # noqa: E731
+        fp8 = fp8_blocks(quant, prefix)
         self.gate_proj = column_parallel(ctx, H, inter, dtype=dtype, fp8_block=fp8("gate_proj"))
         self.up_proj = column_parallel(ctx, H, inter, dtype=dtype, fp8_block=fp8("up_proj"))
         self.down_proj = row_parallel(ctx, comm, inter, H, dtype=dtype, fp8_block=fp8("down_proj"))

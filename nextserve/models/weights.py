@@ -75,7 +75,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
                 # --quantization fp8: quantise this weight now, on the device it arrived on, with its scale.
                 if name + SCALE not in params:
                     raise WeightsError(f"cannot quantise {name!r} of shape {tuple(tensor.shape)} to block FP8")
-                wq, scale = _quantize(tensor, _block_of(params[name + SCALE]), name.endswith(".gate_up_proj"))
+                wq, scale = _quantize(tensor, params[name + SCALE].fp8_block, name.endswith(".gate_up_proj"))
                 load_param(params[name + SCALE], scale, name + SCALE)
                 loaded.add(name + SCALE)
                 tensor = wq
@@ -107,21 +107,15 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
         raise WeightsError(f"missing tensor {missing[0]!r} in the checkpoint ({len(missing)} missing in all)")
 
 
-def _block_of(scale: nn.Parameter) -> tuple[int, int]:
-    """The FP8 block size a scale parameter was built for."""
-    return scale.fp8_block
-
-
 def _quantize(t: torch.Tensor, block: tuple[int, int], gate_up: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-quantise a 2-D weight, or fused experts [E, rows, cols] one expert at a time (a gate_up's gate and up
     halves blocked apart, as the packed scales are)."""
     if t.dim() == 2:
         return quantize_block_fp8(t, block)
-    parts = [quantize_block_fp8(half, block) for w in t for half in (w.chunk(2) if gate_up else (w,))]
-    per = 2 if gate_up else 1
-    wq = torch.stack([torch.cat([q for q, _ in parts[i : i + per]]) for i in range(0, len(parts), per)])
-    sc = torch.stack([torch.cat([s for _, s in parts[i : i + per]]) for i in range(0, len(parts), per)])
-    return wq, sc
+    experts = [[quantize_block_fp8(half, block) for half in w.chunk(2 if gate_up else 1)] for w in t]
+    wq = torch.stack([torch.cat([q for q, _ in halves]) for halves in experts])
+    scale = torch.stack([torch.cat([s for _, s in halves]) for halves in experts])
+    return wq, scale
 
 
 def _load_expert(params: dict[str, nn.Parameter], m: re.Match, tensor: torch.Tensor, name: str) -> list[str]:
@@ -143,7 +137,7 @@ def _load_expert(params: dict[str, nn.Parameter], m: re.Match, tensor: torch.Ten
         raise WeightsError(f"tensor {name!r} has shape {tuple(tensor.shape)}; expected {param.expert_shape}")
     arrived = [proj + ".weight"]
     if fp8 and tensor.dtype != FP8_DTYPE:  # --quantization fp8: this expert's projection, quantised now
-        tensor, scale = quantize_block_fp8(tensor, _block_of(params[packed + SCALE]))
+        tensor, scale = quantize_block_fp8(tensor, params[packed + SCALE].fp8_block)
         _place(params[packed + SCALE], e, proj, scale, name + SCALE)
         arrived.append(proj + ".weight" + SCALE)
     _place(param, e, proj, tensor, name)
