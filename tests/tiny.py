@@ -160,3 +160,21 @@ def write_tiny_checkpoint(
     if generation_config is not None:
         (path / "generation_config.json").write_text(json.dumps(generation_config))
     return ref
+
+
+@torch.inference_mode()
+def prefill_logits(model, prompt: torch.Tensor, page_size: int = 4) -> torch.Tensor:
+    """Prefill `prompt` [T] into a Qwen3NextForCausalLM from empty caches; the logits at every position [T, V]."""
+    from nextserve.forward_batch import ForwardBatch
+
+    cfg = model.config
+    T = prompt.shape[0]
+    pages = list(range(1, -(-T // page_size) + 1))  # page 0 stays a dummy, as in the engine
+    for attn in model.attention_layers():
+        attn.k_cache = torch.zeros(len(pages) + 1, page_size, attn.num_kv_heads, attn.head_dim)
+        attn.v_cache = torch.zeros_like(attn.k_cache)
+    for gdn in model.linear_attention_layers():
+        gdn.conv_state = torch.zeros(2, gdn.conv1d.weight.shape[0], cfg.linear_conv_kernel_dim - 1)
+        gdn.ssm_state = torch.zeros(2, gdn.hv, gdn.dk, gdn.dv)
+    batch = ForwardBatch.build([T], [0], [1], [pages], page_size, logits_indices=list(range(T)))
+    return model.compute_logits(model(prompt, batch))

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tiny import TOKENIZER_FILES, builtin_dir, hf_model, per_expert, tiny_config
+from tiny import TOKENIZER_FILES, builtin_dir, hf_model, per_expert, prefill_logits, tiny_config
 
 from nextserve import LLM, SamplingParams
 from nextserve.config import EngineConfig
@@ -144,20 +144,8 @@ def test_fused_fp8_experts_load_like_per_expert(fp8_dir, tmp_path):
 
 
 def _prefill_logits(model, T: int = 20) -> torch.Tensor:
-    from nextserve.forward_batch import ForwardBatch
-
-    cfg, ps = model.config, 4
-    ids = torch.randint(0, cfg.vocab_size, (T,), generator=torch.Generator().manual_seed(2))
-    pages = list(range(1, -(-T // ps) + 1))
-    for attn in model.attention_layers():
-        attn.k_cache = torch.zeros(len(pages) + 1, ps, attn.num_kv_heads, attn.head_dim)
-        attn.v_cache = torch.zeros_like(attn.k_cache)
-    for gdn in model.linear_attention_layers():
-        gdn.conv_state = torch.zeros(2, gdn.conv1d.weight.shape[0], cfg.linear_conv_kernel_dim - 1)
-        gdn.ssm_state = torch.zeros(2, gdn.hv, gdn.dk, gdn.dv)
-    batch = ForwardBatch.build([T], [0], [1], [pages], ps, logits_indices=list(range(T)))
-    with torch.inference_mode():
-        return model.compute_logits(model(ids, batch))
+    ids = torch.randint(0, model.config.vocab_size, (T,), generator=torch.Generator().manual_seed(2))
+    return prefill_logits(model, ids)
 
 
 def _quantised_input(x: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny import hf_model, per_expert, tiny_config, write_tiny_checkpoint
+from tiny import hf_model, per_expert, prefill_logits, tiny_config, write_tiny_checkpoint
 
-from nextserve.forward_batch import ForwardBatch
 from nextserve.loader import CheckpointError, dequantize_block_fp8, write_checkpoint
 from nextserve.loader.model_loader import load_model
 from nextserve.model_config import ConfigError, ModelConfig
@@ -28,7 +27,6 @@ from nextserve.models.weights import WeightsError
 CFG = tiny_config()
 SEED = 3
 PROMPT_LEN = 24
-PAGE_SIZE = 4
 # fp32 throughout, so our model and transformers differ only by summation order.
 LOGITS_ATOL = 1e-4
 
@@ -46,22 +44,6 @@ def _load(path: Path, **kwargs) -> Qwen3NextForCausalLM:
         progress=False,
         **kwargs,
     )
-
-
-@torch.inference_mode()
-def _logits(model: Qwen3NextForCausalLM, prompt: torch.Tensor) -> torch.Tensor:
-    """Prefill `prompt` [T] from empty caches and return the logits at every position [T, V]."""
-    cfg = model.config
-    T = prompt.shape[0]
-    pages = list(range(1, -(-T // PAGE_SIZE) + 1))  # page 0 stays a dummy, as in the engine
-    for attn in model.attention_layers():
-        attn.k_cache = torch.zeros(len(pages) + 1, PAGE_SIZE, attn.num_kv_heads, attn.head_dim)
-        attn.v_cache = torch.zeros_like(attn.k_cache)
-    for gdn in model.linear_attention_layers():
-        gdn.conv_state = torch.zeros(2, gdn.conv1d.weight.shape[0], cfg.linear_conv_kernel_dim - 1)
-        gdn.ssm_state = torch.zeros(2, gdn.hv, gdn.dk, gdn.dv)
-    batch = ForwardBatch.build([T], [0], [1], [pages], PAGE_SIZE, logits_indices=list(range(T)))
-    return model.compute_logits(model(prompt, batch))
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +95,7 @@ def test_save_pretrained_checkpoint_matches_transformers(tmp_path, ref, prompt, 
 
     model = _load(tmp_path)
     assert model.mtp is None
-    assert (_logits(model, prompt) - ref_logits).abs().max().item() < LOGITS_ATOL
+    assert (prefill_logits(model, prompt) - ref_logits).abs().max().item() < LOGITS_ATOL
 
 
 def test_fused_expert_checkpoint_matches_transformers(tmp_path, ref, prompt, ref_logits):
@@ -121,7 +103,7 @@ def test_fused_expert_checkpoint_matches_transformers(tmp_path, ref, prompt, ref
     assert "model.layers.0.mlp.experts.gate_up_proj" in fused  # transformers' in-memory layout
     write_checkpoint(tmp_path, fused, _config_json(CFG))
     model = _load(tmp_path)
-    assert (_logits(model, prompt) - ref_logits).abs().max().item() < LOGITS_ATOL
+    assert (prefill_logits(model, prompt) - ref_logits).abs().max().item() < LOGITS_ATOL
 
 
 def test_per_expert_sharded_checkpoint_matches_transformers(tmp_path, prompt):
@@ -130,7 +112,7 @@ def test_per_expert_sharded_checkpoint_matches_transformers(tmp_path, prompt):
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 5
     with torch.inference_mode():
         expected = ref(prompt[None]).logits[0]
-    assert (_logits(_load(tmp_path), prompt) - expected).abs().max().item() < LOGITS_ATOL
+    assert (prefill_logits(_load(tmp_path), prompt) - expected).abs().max().item() < LOGITS_ATOL
 
 
 # ---- MTP --------------------------------------------------------------------------------------------------------
@@ -177,7 +159,7 @@ def test_mtp_tensors_skipped_when_the_head_is_off(mtp_dir, tmp_path, prompt, ref
     (tmp_path / "config.json").write_text(json.dumps(config))
     model = _load(tmp_path)
     assert model.mtp is None
-    assert (_logits(model, prompt) - ref_logits).abs().max().item() < LOGITS_ATOL
+    assert (prefill_logits(model, prompt) - ref_logits).abs().max().item() < LOGITS_ATOL
 
 
 def test_mtp_head_requested_but_absent(tmp_path, state):
@@ -283,14 +265,14 @@ def test_fp8_dequantised_straight_to_the_model_dtype(fp8, prompt):
     # End to end: transformers holding the exactly dequantised weights is the oracle.
     with torch.inference_mode():
         ref_logits = _hf_with(FP8_CFG, expected)(prompt[None]).logits[0]
-    assert (_logits(model, prompt) - ref_logits).abs().max().item() < LOGITS_ATOL
+    assert (prefill_logits(model, prompt) - ref_logits).abs().max().item() < LOGITS_ATOL
 
 
 def test_fp8_logits_stay_close_to_the_unquantised_model(fp8, prompt):
     path, _, _, ref = fp8
     with torch.inference_mode():
         expected = ref(prompt[None]).logits[0]
-    err = (_logits(_load(path), prompt) - expected).abs()
+    err = (prefill_logits(_load(path), prompt) - expected).abs()
     # A loose bound: the tiny random model amplifies weight noise (fp8 rounding moves some MoE routing
     # decisions), so only the average error is held to a fraction of the average logit.
     assert 0 < err.mean().item() < 0.4 * expected.abs().mean().item()
