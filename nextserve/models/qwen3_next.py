@@ -226,7 +226,7 @@ class Qwen3NextSparseMoeBlock(nn.Module):
         fp8 = self.experts.fp8_args()
         # The fused block takes the shared expert in the experts' format (both FP8 or neither).
         same_format = (se.down_proj.fp8_block is not None) == bool(fp8)
-        if same_format and fused_block(x, w2, se.down_proj.weight):
+        if same_format and fused_block(x, w2, se.down_proj.weight, self.experts.block):
             # CUDA: router, shared gate, routed and shared experts in a few Triton launches (ops/moe.py).
             shared = (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight)
             if fp8:
