@@ -90,8 +90,8 @@ class Linear(nn.Module):
 
 
 def _fp8_shard_fn(shard_fn: ShardFn) -> ShardFn:
-    """Block scales shard with their weight only where a rank's share is whole blocks; tensor parallelism over FP8
-    weights is not wired yet, so only the unsharded case is allowed."""
+    """The scales' shard function: tensor parallelism over FP8 weights is not wired yet, so a weight whose shard
+    function cuts anything (TP > 1) is refused with a clear error; unsharded, the scales load whole."""
     if shard_fn is replicated:
         return replicated
 
