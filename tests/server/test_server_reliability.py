@@ -94,12 +94,18 @@ def test_2000_metrics_scrapes_during_64_streams(real, monkeypatch):
 
     monkeypatch.setattr(engine, "stats", stats)
 
+    # The scrapes start once a stream has its first token: on a 2-core machine 2000 scrapes can otherwise all be
+    # answered before the engine admits a single stream, and the test would check nothing.
+    streaming = asyncio.Event()
+
     async def stream(i: int, http: httpx.AsyncClient) -> str:
         body = {"model": MODEL, "prompt": ids(10 + i, 300 + i), "max_tokens": 48, "temperature": 0, "stream": True}
         body["ignore_eos"] = True
         async with http.stream("POST", real.url + "/v1/completions", json=body) as resp:
             assert resp.status_code == 200
             async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    streaming.set()
                 if line == "data: [DONE]":
                     return "done"
         return "cut"
@@ -107,6 +113,7 @@ def test_2000_metrics_scrapes_during_64_streams(real, monkeypatch):
     async def scrapes(todo: list[int], codes: list[int], busy: list[float]) -> None:
         # One keep-alive connection per scraper, spoken by hand: httpx's pool costs milliseconds per request here.
         host, port = real.url.removeprefix("http://").split(":")
+        await streaming.wait()
         reader, writer = await asyncio.open_connection(host, int(port))
         try:
             while todo:
