@@ -100,7 +100,7 @@ class _Server:
             raise APIError("missing or incorrect API key", status=401, code="invalid_api_key")
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt_param: str = "prompt"
     ) -> AsyncIterator[RequestOutput]:
         """engine.generate with metrics, whose early exit (close, cancel, error) always aborts the request."""
         timer = self.metrics.timer()
@@ -115,7 +115,7 @@ class _Server:
             if started:
                 raise
             # The engine validates before queueing; what it refuses is the client's request.
-            raise APIError(str(e)) from None
+            raise APIError(str(e), param=_engine_error_param(str(e), prompt_param)) from None
         finally:
             if not finished:
                 # NOTE: a disconnect arrives as cancellation, which anyio re-delivers at every await inside the
@@ -140,6 +140,13 @@ class _Server:
         )  # fmt: skip
         logprobs = req.num_logprobs if isinstance(req, ChatCompletionRequest) else req.logprobs
         return req.sampling_params(max_tokens, logprobs)
+
+
+def _engine_error_param(message: str, prompt_param: str) -> str | None:
+    """The request field an engine refusal is about: the stop ids or, for anything else it checks, the prompt."""
+    if "stop_token_ids" in message:
+        return "stop_token_ids"
+    return prompt_param if "prompt" in message else None
 
 
 # ---- driving the engine from a request ----------------------------------------------------------------------
@@ -339,7 +346,7 @@ async def _chat_completions(srv: _Server, request: Request, req: ChatCompletionR
         tools=srv.tool_cls() if parse_tools and srv.tool_cls else None,
         token_text=srv.token_text,
     )
-    outputs = srv.generate(job.request_id, prompt_ids, params)
+    outputs = srv.generate(job.request_id, prompt_ids, params, prompt_param="messages")
     if req.stream:
         return await _event_stream(request, outputs, lambda outs: chat.chat_stream(job, outs))
     final = await _unless_disconnected(request, _last(outputs))

@@ -13,6 +13,7 @@ OpenAI's shapes mix "present and null" with "absent" in ways a response model wo
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal, TypeVar
@@ -58,10 +59,31 @@ def error_body(
 
 
 # ---- requests -----------------------------------------------------------------------------------------------
+class FieldError(ValueError):
+    """A validation error about one field; `param` is its path relative to the model that raises it."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class _Strict(BaseModel):
     # strict: "5" is not an integer and 1 is not a bool. ignore: clients send fields we have no use for
     # (metadata, store, service_tier...); refusing them would break stock OpenAI clients.
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI's spec makes every optional field nullable, and clients (the SDKs, LangChain) send explicit
+        # nulls: a null is the same as leaving the field out. A required field sent as null is then "missing".
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+# Content part types of OpenAI's API that carry images (chat: image_url; Responses API: input_image).
+_IMAGE_PARTS = {"image_url", "input_image", "image"}
 
 
 class ContentPart(_Strict):
@@ -70,10 +92,12 @@ class ContentPart(_Strict):
 
     @model_validator(mode="after")
     def _text_only(self) -> ContentPart:
-        if self.type != "text":
-            raise ValueError(f"content parts of type {self.type!r} are not supported (text only)")
+        if self.type in _IMAGE_PARTS:
+            raise FieldError("images are not supported: Qwen3-Next is a text-only model", param="type")
+        if self.type not in ("text", "input_text", "output_text"):
+            raise FieldError(f"content parts of type {self.type!r} are not supported (text only)", param="type")
         if self.text is None:
-            raise ValueError("a text content part needs a 'text' string")
+            raise FieldError("a text content part needs a 'text' string", param="text")
         return self
 
 
@@ -100,7 +124,7 @@ class ChatMessage(_Strict):
     @model_validator(mode="after")
     def _needs_content(self) -> ChatMessage:
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role} message needs 'content'")
+            raise FieldError(f"a {self.role} message needs 'content'", param="content")
         return self
 
     def text(self) -> str:
@@ -168,11 +192,11 @@ class _SamplingRequest(_Strict):
     @model_validator(mode="after")
     def _supported(self) -> _SamplingRequest:
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream=true")
+            raise FieldError("stream_options is only allowed with stream=true", param="stream_options")
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+            raise FieldError("logit_bias is not supported", param="logit_bias")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of is not supported (it must be left out or equal n)")
+            raise FieldError("best_of is not supported (it must be left out or equal n)", param="best_of")
         return self
 
     @property
@@ -205,7 +229,15 @@ class _SamplingRequest(_Strict):
                 include_stop_str_in_output=self.include_stop_str_in_output,
             )
         except ValueError as e:
-            raise APIError(str(e)) from None
+            raise APIError(str(e), param=self.param_of(str(e))) from None
+
+    def param_of(self, message: str) -> str | None:
+        """The request field an engine-side validation message is about ("... min_tokens (5) must ...")."""
+        words = re.findall(r"[a-z_]+", message.removeprefix("invalid sampling parameters: "))
+        for word in words[:2]:
+            if word == "stop" or word in type(self).model_fields:
+                return word
+        return None
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -222,15 +254,20 @@ class ChatCompletionRequest(_SamplingRequest):
     @model_validator(mode="after")
     def _chat_supported(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs=true")
+            raise FieldError("top_logprobs needs logprobs=true", param="top_logprobs")
         if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(f"response_format {self.response_format.type!r} is not supported (no guided decoding)")
+            raise FieldError(
+                f"response_format {self.response_format.type!r} is not supported (no guided decoding)",
+                param="response_format",
+            )
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
-            raise ValueError("tool_choice 'required' or a named function needs 'tools'")
+            raise FieldError("tool_choice 'required' or a named function needs 'tools'", param="tool_choice")
         if isinstance(self.tool_choice, NamedToolChoice):
             name = self.tool_choice.function.name
             if name not in {t.function.name for t in self.tools or []}:
-                raise ValueError(f"tool_choice names the function {name!r}, which is not in 'tools'")
+                raise FieldError(
+                    f"tool_choice names the function {name!r}, which is not in 'tools'", param="tool_choice"
+                )
         return self
 
     def requested_max_tokens(self) -> int | None:
@@ -253,14 +290,14 @@ class CompletionRequest(_SamplingRequest):
     @model_validator(mode="after")
     def _completion_supported(self) -> CompletionRequest:
         if self.echo:
-            raise ValueError("echo=true is not supported")
+            raise FieldError("echo=true is not supported", param="echo")
         if self.suffix:
-            raise ValueError("suffix is not supported")
+            raise FieldError("suffix is not supported", param="suffix")
         prompts = self.prompts()
         if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("prompt must not be empty")
+            raise FieldError("prompt must not be empty", param="prompt")
         if any(isinstance(p, list) and min(p) < 0 for p in prompts):
-            raise ValueError("prompt token ids must be non-negative")
+            raise FieldError("prompt token ids must be non-negative", param="prompt")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -282,11 +319,15 @@ def parse_request(body: bytes, model: type[RequestT]) -> RequestT:
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        if err["type"] == "json_invalid":
-            raise APIError(f"the request body is not valid JSON: {err['msg']}") from None
-        param = _param_path(err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
+        errors = e.errors(include_url=False)
+        if errors[0]["type"] == "json_invalid":
+            raise APIError(f"the request body is not valid JSON: {errors[0]['msg']}") from None
+        # A union (content: str | list[part]) reports one error per branch; our own checks say most.
+        err = next((x for x in errors if isinstance(x.get("ctx", {}).get("error"), FieldError)), errors[0])
+        own = err.get("ctx", {}).get("error")
+        loc = (*err["loc"], *own.param.split(".")) if isinstance(own, FieldError) else err["loc"]
+        param = _param_path(loc)
+        msg = str(own) if isinstance(own, FieldError) else err["msg"].removeprefix("Value error, ")
         raise APIError(f"{param}: {msg}" if param else msg, param=param) from None
 
 

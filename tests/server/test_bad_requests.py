@@ -34,7 +34,7 @@ CASES = [
     ("empty messages", "POST", CHAT, chat(messages=[]), 400, "messages"),
     ("unknown role", "POST", CHAT, chat(messages=[{"role": "wizard", "content": "hi"}]), 400, "messages[0].role"),
     ("content is a number", "POST", CHAT, chat(messages=[{"role": "user", "content": 5}]), 400, None),
-    ("user without content", "POST", CHAT, chat(messages=[{"role": "user"}]), 400, "messages[0]"),
+    ("user without content", "POST", CHAT, chat(messages=[{"role": "user"}]), 400, "messages[0].content"),
     (
         "image content part",
         "POST",
