@@ -4,6 +4,12 @@ The CLI adds one `--flag-name` per field (`add_cli_args`), and `LLM(**kwargs)` t
 Flag names and meanings follow SGLang where they exist (`--mem-fraction-static`, `--max-mamba-cache-size`,
 `--mamba-full-memory-ratio`, `--context-length`, `--max-running-requests`) and vLLM otherwise
 (`--max-num-batched-tokens`). "auto"/None values are resolved once, when the engine starts, and logged.
+
+The other engine's name for the same thing is an alias (field metadata "aliases": `--max-model-len`,
+`--gpu-memory-utilization`, `--tensor-parallel-size`...), for the CLI and for `LLM(**kwargs)`; flags that need a
+translation (`--speculative-config`, `--compilation-config`, `--rope-scaling`, `--mamba-scheduler-strategy`) live in
+`nextserve.foreign_flags`. A hub id as `--model` is resolved to its cached folder (`nextserve.hub`) when the config
+is built from the CLI or from keyword arguments.
 """
 
 from __future__ import annotations
@@ -13,12 +19,27 @@ import json
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
+from nextserve.foreign_flags import FOREIGN_NAMES
+from nextserve.foreign_flags import add_cli_args as add_foreign_cli_args
+from nextserve.foreign_flags import translate as translate_foreign
+from nextserve.hub import resolve_model
+
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = field(default=None, metadata={"help": "model directory (default: the built-in tiny model)"})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "model directory, or a Hugging Face hub id resolved through the local hub cache (default: the "
+            "built-in tiny model)",
+            "aliases": ("--model-path",),
+        },
+    )
+    revision: str | None = field(
+        default=None, metadata={"help": "hub revision (branch, tag or commit) when --model is a hub id"}
+    )
     dtype: str = field(
         default="auto",
         metadata={
@@ -43,22 +64,36 @@ class EngineConfig:
             "choices": ("auto", "safetensors", "dummy"),
         },
     )
-    seed: int = field(default=0, metadata={"help": "global seed for unseeded sampling"})
+    seed: int = field(default=0, metadata={"help": "global seed for unseeded sampling", "aliases": ("--random-seed",)})
     json_model_override_args: str | None = field(
         default=None,
-        metadata={"help": "JSON object of config.json overrides, e.g. '{\"rope_scaling\": {...}}'"},
+        metadata={
+            "help": "JSON object of config.json overrides, e.g. '{\"rope_scaling\": {...}}'",
+            "aliases": ("--hf-overrides",),
+        },
     )
     context_length: int | None = field(
         default=None,
-        metadata={"help": "max prompt + output tokens per request (default: the model's max_position_embeddings)"},
+        metadata={
+            "help": "max prompt + output tokens per request (default: the model's max_position_embeddings)",
+            "aliases": ("--max-model-len",),
+        },
     )
     page_size: int = field(default=16, metadata={"help": "tokens per KV page"})
     max_num_batched_tokens: int = field(default=4096, metadata={"help": "token budget of one engine step"})
     max_running_requests: int | None = field(
-        default=None, metadata={"help": "max sequences in one step (default: the state slots, at most 256)"}
+        default=None,
+        metadata={
+            "help": "max sequences in one step (default: the state slots, at most 256)",
+            "aliases": ("--max-num-seqs",),
+        },
     )
     mem_fraction_static: float = field(
-        default=0.85, metadata={"help": "GPU: fraction of total memory for weights and caches"}
+        default=0.85,
+        metadata={
+            "help": "GPU: fraction of total memory for weights and caches",
+            "aliases": ("--gpu-memory-utilization",),
+        },
     )
     cpu_cache_bytes: int = field(default=1 << 30, metadata={"help": "CPU: bytes for KV pages and state slots"})
     max_mamba_cache_size: int | None = field(
@@ -90,6 +125,7 @@ class EngineConfig:
         metadata={
             "help": "NEXTN (alias MTP): speculative decoding with the model's MTP head",
             "choices": ("NEXTN", "MTP"),
+            "aliases": ("--speculative-algo",),
         },
     )
     speculative_num_steps: int = field(default=3, metadata={"help": "max draft tokens per step (MTP steps)"})
@@ -119,10 +155,23 @@ class EngineConfig:
         },
     )
     disable_cuda_graph: bool = field(
-        default=False, metadata={"help": "decode eagerly, without CUDA graphs (vLLM: --enforce-eager)"}
+        default=False,
+        metadata={"help": "decode eagerly, without CUDA graphs", "aliases": ("--enforce-eager",)},
     )
     cuda_graph_max_bs: int | None = field(
         default=None, metadata={"help": "largest decode batch in a CUDA graph (default: --max-running-requests)"}
+    )
+    tp_size: int = field(
+        default=1,
+        metadata={
+            "help": "tensor-parallel GPUs (not available yet: only 1)",
+            "aliases": ("--tp", "--tensor-parallel-size", "-tp"),
+        },
+    )
+    nnodes: int = field(default=1, metadata={"help": "machines serving one model (not available yet: only 1)"})
+    node_rank: int = field(default=0, metadata={"help": "this machine's rank among --nnodes"})
+    dist_init_addr: str | None = field(
+        default=None, metadata={"help": "HOST:PORT of node 0, where the nodes meet (with --nnodes > 1)"}
     )
     num_kv_pages: int | None = field(default=None, metadata={"help": "fix the number of KV pages (tests, debugging)"})
     disable_tqdm: bool = field(default=False, metadata={"help": "no progress bars"})
@@ -164,6 +213,14 @@ class EngineConfig:
             "--speculative-num-draft-tokens must be --speculative-num-steps + 1 with topk 1",
         )
         need(self.context_length is None or self.context_length >= 2, "--context-length must be >= 2")
+        need(self.tp_size >= 1, "--tp-size must be >= 1")
+        need(
+            self.tp_size == 1,
+            f"--tp-size {self.tp_size}: tensor parallelism is not available yet; nextserve runs one GPU (the 80B "
+            "model fits one H200, or one H100 with --quantization fp8)",
+        )
+        need(self.nnodes >= 1 and 0 <= self.node_rank < self.nnodes, "--node-rank must be in [0, --nnodes)")
+        need(self.nnodes == 1, f"--nnodes {self.nnodes}: multi-node serving is not available yet")
         need(self.dtype in _DTYPES, f"--dtype must be one of {_DTYPES}")
         need(self.quantization in (None, "fp8"), f"--quantization {self.quantization!r}: only fp8 is supported")
         need(self.load_format in ("auto", "safetensors", "dummy"), "--load-format must be auto, safetensors or dummy")
@@ -202,11 +259,42 @@ class EngineConfig:
         return {f.name for f in fields(cls)}
 
     @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in fields(cls)}
+
+    @classmethod
+    def aliases(cls) -> dict[str, str]:
+        """Other engines' names for our fields, snake_case (max_model_len -> context_length)."""
+        return {
+            alias.lstrip("-").replace("-", "_"): f.name for f in fields(cls) for alias in f.metadata.get("aliases", ())
+        }
+
+    @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
-        unknown = set(kwargs) - cls.field_names()
+        """From LLM-style keyword arguments: field names, their aliases (vLLM's max_model_len...), the foreign
+        options of `nextserve.foreign_flags`; a hub id as `model` is resolved to its cached folder."""
+        aliases, values, foreign = cls.aliases(), {}, {}
+        for key, value in kwargs.items():
+            if key in FOREIGN_NAMES:
+                foreign[key] = value
+                continue
+            name = aliases.get(key, key)
+            if name in values:
+                raise TypeError(f"{key!r} and another name for {name!r} were both given")
+            values[name] = value
+        unknown = set(values) - cls.field_names()
         if unknown:
             raise TypeError(f"unknown engine arguments {sorted(unknown)}")
-        return cls(**kwargs)
+        return cls._build(values, foreign)
+
+    @classmethod
+    def _build(cls, values: dict[str, Any], foreign: dict[str, Any]) -> EngineConfig:
+        values = translate_foreign(foreign, values, cls.defaults())
+        if values.get("model"):
+            values["model"] = resolve_model(values["model"], values.get("revision"))
+        elif values.get("revision") is not None:
+            raise ValueError("--revision needs --model to be a hub id")
+        return cls(**values)
 
     # ---- CLI -----------------------------------------------------------------------------------------------
     @classmethod
@@ -215,26 +303,30 @@ class EngineConfig:
         for f in fields(cls):
             if f.name in skip:
                 continue
-            flag = "--" + f.name.replace("_", "-")
+            flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
             help_ = f.metadata.get("help", "")
             default = None if f.default is MISSING else f.default
             if f.type in ("bool", bool):
                 # Flags on by default can be turned off with --no-<flag>.
                 action = argparse.BooleanOptionalAction if default else "store_true"
-                group.add_argument(flag, action=action, default=default, help=help_)
+                group.add_argument(*flags, dest=f.name, action=action, default=default, help=help_)
                 continue
             typ = {"int": int, "float": float}.get(_base_type(f.type), str)
             group.add_argument(
-                flag,
+                *flags,
+                dest=f.name,
                 type=typ,
                 default=default,
                 help=f"{help_} (default: {default})",
                 choices=f.metadata.get("choices"),
             )
+        add_foreign_cli_args(parser)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        foreign = {name: getattr(args, name) for name in FOREIGN_NAMES if getattr(args, name, None) is not None}
+        return cls._build(values, foreign)
 
 
 def _base_type(t: Any) -> str:

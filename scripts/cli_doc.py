@@ -1,9 +1,11 @@
-"""Regenerates the engine-flag table of docs/cli.md from EngineConfig (run after adding a flag)."""
+"""Regenerates the engine-flag table of docs/cli.md from EngineConfig and nextserve.foreign_flags (run after adding
+a flag)."""
 
 from dataclasses import fields
 from pathlib import Path
 
 from nextserve.config import EngineConfig
+from nextserve.foreign_flags import FOREIGN_FLAGS
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 BEGIN, END = "<!-- engine-flags:begin -->", "<!-- engine-flags:end -->"
@@ -15,7 +17,10 @@ def table() -> str:
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool) and f.default:
             flag += f" / --no-{f.name.replace('_', '-')}"
-        rows.append(f"| `{flag}` | `{f.default}` | {f.metadata.get('help', '')} |")
+        names = " ".join(f"`{n}`" for n in (flag, *f.metadata.get("aliases", ())))
+        rows.append(f"| {names} | `{f.default}` | {f.metadata.get('help', '')} |")
+    for f in FOREIGN_FLAGS:
+        rows.append(f"| `{f.flag}` | | ({f.origin}) {f.help} |")
     return "\n".join(rows)
 
 

@@ -57,6 +57,10 @@ R = TypeVar("R", ChatCompletionRequest, CompletionRequest)
 _STATUS_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed"}
 
 
+def _on(parser: str | None) -> bool:
+    return parser is not None and parser.strip().lower() not in ("", "none")
+
+
 class _ClientGone(Exception):
     """The client disconnected before the response was ready."""
 
@@ -77,8 +81,9 @@ class _Server:
         self.model_name = served_model_name
         self.api_key = api_key
         # Unknown parser names fail here, at start-up, with the list of known ones.
-        self.reasoning_cls = get_reasoning_parser(reasoning_parser) if reasoning_parser else None
-        self.tool_cls = get_tool_call_parser(tool_call_parser) if tool_call_parser else None
+        # "none" turns a parser off, as leaving it out does.
+        self.reasoning_cls = get_reasoning_parser(reasoning_parser) if _on(reasoning_parser) else None
+        self.tool_cls = get_tool_call_parser(tool_call_parser) if _on(tool_call_parser) else None
         self.metrics = ServerMetrics(engine.stats)
         self.token_text = TokenText(self.tokenizer)
         self.created = now()

@@ -442,6 +442,7 @@ def test_serve_flags_and_ready_line(tokenizer, caplog: pytest.LogCaptureFixture)
     parser = argparse.ArgumentParser()
     serve.add_arguments(parser)
     args = parser.parse_args(["--port", "0", "--reasoning-parser", "qwen3", "--api-key", API_KEY])
+    serve.resolve_model_arg(args)
     assert (args.host, args.model, args.log_level) == ("127.0.0.1", default_model_path(), "info")
     assert serve.served_name(args) == "tiny-qwen3-next"
     assert hasattr(args, "max_num_batched_tokens"), "the engine's flags should be added too"

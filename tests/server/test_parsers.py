@@ -358,7 +358,7 @@ def test_registry_and_finish_reason() -> None:
     with pytest.raises(ValueError, match="hermes, qwen, qwen25"):
         get_tool_call_parser("mistral")
     with pytest.raises(ValueError, match="qwen3"):
-        get_reasoning_parser("deepseek_r1")
+        get_reasoning_parser("granite")
     _, calls = QwenToolCallParser().parse(block("a", "{}") + block("b", "{}"))
     assert len({c.id for c in calls}) == 2
     assert finish_reason(calls, "stop") == "tool_calls"

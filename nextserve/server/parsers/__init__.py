@@ -17,7 +17,13 @@ from nextserve.server.parsers.tool_calls import (
     finish_reason,
 )
 
-_REASONING_PARSERS: dict[str, type[Qwen3ReasoningParser]] = {"qwen3": Qwen3ReasoningParser}
+# vLLM's and SGLang's Qwen3-Next Thinking commands name deepseek_r1 (reasoning from the start of the output, up to
+# </think>): the qwen3 parser does that whenever the prompt opened <think>, which the Thinking template does.
+_REASONING_PARSERS: dict[str, type[Qwen3ReasoningParser]] = {
+    "qwen3": Qwen3ReasoningParser,
+    "deepseek_r1": Qwen3ReasoningParser,
+    "deepseek-r1": Qwen3ReasoningParser,
+}
 # Qwen2.5 and Qwen3 write Hermes-style <tool_call> blocks, hence the aliases.
 _TOOL_CALL_PARSERS: dict[str, type[QwenToolCallParser]] = {
     "qwen": QwenToolCallParser,
