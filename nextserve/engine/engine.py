@@ -135,9 +135,7 @@ class Engine:
         )
         self.runner = ModelRunner(self.model, self.kv_pool, self.state_pool, self.device)
         self._setup_cuda_graphs()
-        self.cache = CacheManager(
-            self.kv_pool, self.state_pool, cfg.prefix_caching, self.capacity.num_snapshot_slots
-        )
+        self.cache = CacheManager(self.kv_pool, self.state_pool, cfg.prefix_caching, self.capacity.num_snapshot_slots)
         self.scheduler = Scheduler(self.cache, cfg.max_num_batched_tokens, self.capacity.max_running)
         eos = self.generation_defaults.get("eos_token_id", [])
         self.eos_ids = set(self.model_config.eos_token_ids) | set(eos if isinstance(eos, list) else [eos])
@@ -312,8 +310,18 @@ class Engine:
             plain_logits = logits[[offsets[i] for i in plain]]
             plain_tokens = sample(plain_logits, build_sampling_batch(rows, logits.shape[-1], self.device)).token_ids
         return LaunchedStep(
-            scheduled, sampling, snapshots, scratch, hidden, logits, offsets, plain, plain_logits, plain_tokens,
-            starts, t_start,
+            scheduled,
+            sampling,
+            snapshots,
+            scratch,
+            hidden,
+            logits,
+            offsets,
+            plain,
+            plain_logits,
+            plain_tokens,
+            starts,
+            t_start,
         )
 
     def _process(self, step: LaunchedStep) -> list[RequestOutput]:

@@ -27,7 +27,9 @@ def seq(i: int, tokens: list[int]) -> Sequence:
 
 def tree_recency(cm: CacheManager):
     t = cm.tree
-    nodes = [(id(n), n.last_used, n.snapshot_used, tuple(x.last_used for x in n.tails.values())) for n in t.iter_nodes()]
+    nodes = [
+        (id(n), n.last_used, n.snapshot_used, tuple(x.last_used for x in n.tails.values())) for n in t.iter_nodes()
+    ]
     return nodes, len(t._leaves), len(t._snapshots)
 
 
