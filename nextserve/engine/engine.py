@@ -1,8 +1,14 @@
 """Engine: continuous batching over the hybrid cache, one `step()` at a time.
 
-`add_request` validates and queues a request (n sequences); `step()` schedules, runs the model once over the
-flat batch, samples, applies stop conditions, frees the caches of finished sequences and returns the outputs of
-the requests that progressed. Not thread-safe: AsyncEngine drives it from one thread, LLM from the caller's.
+`add_request` validates and queues a request (n sequences); `step()` runs two halves:
+
+  launch   schedule, plan the step's snapshots and scratch slots, run the model over the flat batch and sample
+           the plain rows, all on the device; nothing here reads a device result on the host
+  process  read the sampled tokens, verify drafts, hang the snapshots in the prefix tree, append tokens and apply
+           stop conditions, draft the next tokens, give back the caches of finished sequences, build outputs
+
+(the next issue overlaps the process half of step N with the launch of step N+1). Not thread-safe: AsyncEngine
+drives it from one thread, LLM from the caller's.
 """
 
 from __future__ import annotations
@@ -12,16 +18,17 @@ import itertools
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nextserve.config import EngineConfig
+from nextserve.engine.cache_manager import CacheManager
 from nextserve.engine.cuda_graph import supports_graphs
 from nextserve.engine.detokenizer import IncrementalDetokenizer
 from nextserve.engine.kv_pool import KVLayout, KVPool
 from nextserve.engine.memory import Capacity, cache_budget_bytes, check_weights_fit, plan_capacity, weight_bytes
-from nextserve.engine.prefix_cache import PrefixCache
 from nextserve.engine.request import Request, SeqStatus, Sequence
 from nextserve.engine.runner import ModelRunner
 from nextserve.engine.sampler import SamplingRow, build_sampling_batch, sample
@@ -57,6 +64,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose device work is queued: what `_process` needs to read and commit it."""
+
+    scheduled: list[ScheduledSeq]
+    sampling: list[ScheduledSeq]  # the scheduled sequences that sample this step
+    snapshots: list[tuple[int, int, int]]  # in-step prefix-cache snapshots (index in batch, offset, slot)
+    scratch: list[tuple[int, int, int]]  # verify rows' scratch slots, likewise
+    hidden: torch.Tensor  # [tokens, H] last hidden states (the MTP pass reads them)
+    logits: torch.Tensor  # fp32 [rows, V]: one row per plain sampling sequence, every row of a verify group
+    offsets: list[int]  # first logits row of each of `sampling`
+    plain: list[int]  # indices in `sampling` of the rows sampled on the device in the launch half
+    plain_logits: torch.Tensor | None
+    plain_tokens: torch.Tensor | None  # [len(plain)] int64, on the device
+    starts: dict[int, tuple[int, int]]  # seq_id -> (first position, first hidden row) computed this step
+    t_start: float
 
 
 class Engine:
@@ -110,17 +135,21 @@ class Engine:
         )
         self.runner = ModelRunner(self.model, self.kv_pool, self.state_pool, self.device)
         self._setup_cuda_graphs()
-        self.prefix_cache = None
-        if cfg.prefix_caching:
-            self.prefix_cache = PrefixCache(self.kv_pool, self.state_pool, self.capacity.num_snapshot_slots)
-        self.scheduler = Scheduler(
-            self.kv_pool, self.state_pool, cfg.max_num_batched_tokens, self.capacity.max_running, self.prefix_cache
-        )
+        self.cache = CacheManager(self.kv_pool, self.state_pool, cfg.prefix_caching, self.capacity.num_snapshot_slots)
+        self.scheduler = Scheduler(self.cache, cfg.max_num_batched_tokens, self.capacity.max_running)
         eos = self.generation_defaults.get("eos_token_id", [])
         self.eos_ids = set(self.model_config.eos_token_ids) | set(eos if isinstance(eos, list) else [eos])
         self.spec = None
         if cfg.speculative:
-            self.spec = SpecDecoder(self, cfg.speculative_num_steps, adaptive=cfg.speculative_adaptive)
+            self.spec = SpecDecoder(
+                self.model,
+                self.cache,
+                self.device,
+                self.max_model_len,
+                self.sampling_row,
+                cfg.speculative_num_steps,
+                adaptive=cfg.speculative_adaptive,
+            )
         self._finishing: list[Sequence] = []
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -157,7 +186,7 @@ class Engine:
             self.abort(rid)
         self.runner.close()
         # The spec decoder and the layers' cache views refer back to these; drop every reference, then collect.
-        self.spec = self.scheduler = self.prefix_cache = self.runner = None
+        self.spec = self.scheduler = self.cache = self.runner = None
         self.kv_pool = self.state_pool = self.model = None
         gc.collect()
         if self.device.type == "cuda":
@@ -249,12 +278,17 @@ class Engine:
     # ---- the step ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         self._check_open()
+        launched = self._launch()
+        return self._process(launched) if launched is not None else []
+
+    def _launch(self) -> LaunchedStep | None:
+        """Schedules and runs the step on the device; reads nothing back."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
-            return []
+            return None
         t_start = time.perf_counter()
         sampling = [s for s in scheduled if s.samples]
-        snapshots = self.scheduler.plan_snapshots(scheduled, self.capacity.snapshot_interval)
+        snapshots = self.cache.plan_snapshots(scheduled, self.capacity.snapshot_interval)
         scratch = self.spec.plan_scratch(scheduled) if self.spec else []
         hidden, logits = self.runner.execute(scheduled, snapshots + scratch)
         starts = {}  # seq_id -> (first position, first hidden row) of what this step computed
@@ -264,13 +298,54 @@ class Engine:
             row += s.num_tokens
             if not s.draft:
                 s.seq.num_cached += s.num_tokens
-        # Before sampling: a sequence that finishes now donates its cache, so snapshots must be in place first.
-        self.scheduler.commit_snapshots(scheduled, snapshots)
+        # Logits rows: one per plain sampling row, every row of a verify group.
+        offsets, r = [], 0
+        for s in sampling:
+            offsets.append(r)
+            r += s.num_tokens if s.draft else 1
+        plain = [i for i, s in enumerate(sampling) if not s.draft]
+        plain_logits = plain_tokens = None
+        if plain:
+            rows = [self.sampling_row(sampling[i].seq) for i in plain]
+            plain_logits = logits[[offsets[i] for i in plain]]
+            plain_tokens = sample(plain_logits, build_sampling_batch(rows, logits.shape[-1], self.device)).token_ids
+        return LaunchedStep(
+            scheduled,
+            sampling,
+            snapshots,
+            scratch,
+            hidden,
+            logits,
+            offsets,
+            plain,
+            plain_logits,
+            plain_tokens,
+            starts,
+            t_start,
+        )
+
+    def _process(self, step: LaunchedStep) -> list[RequestOutput]:
+        """Reads the step's results, commits them, and returns the outputs of the requests that progressed."""
+        scheduled, sampling = step.scheduled, step.sampling
+        # Before appending: a sequence that finishes now donates its cache, so snapshots must be in place first.
+        self.cache.commit_snapshots(scheduled, step.snapshots)
         self._finishing = []
-        self._sample(sampling, logits, scratch, scheduled)
-        t_target = time.perf_counter() - t_start
+        appended = []  # (sequence, tokens, their logits rows)
+        if step.plain:
+            for j, tok in enumerate(step.plain_tokens.tolist()):
+                appended.append((sampling[step.plain[j]].seq, [tok], step.plain_logits[j : j + 1]))
         if self.spec is not None:
-            self._draft(scheduled, hidden, starts, t_target, sum(s.num_tokens for s in scheduled))
+            verify = [(i, s) for i, s in enumerate(sampling) if s.draft]
+            groups = [step.logits[step.offsets[i] : step.offsets[i] + s.num_tokens] for i, s in verify]
+            accepted = self.spec.accept([s for _, s in verify], groups, scheduled, step.scratch)
+            for (_, s), group, tokens in zip(verify, groups, accepted):
+                appended.append((s.seq, tokens, group[: len(tokens)]))
+        for seq, tokens, rows_logits in appended:
+            self._append_tokens(seq, tokens, rows_logits)
+        t_target = time.perf_counter() - step.t_start
+        if self.spec is not None:
+            ntok = sum(s.num_tokens for s in scheduled)
+            self.spec.draft(scheduled, step.hidden, step.starts, t_target, ntok)
         for seq in self._finishing:
             self.scheduler.finish(seq)
         touched: dict[str, Request] = {s.seq.request.request_id: s.seq.request for s in sampling}
@@ -298,49 +373,6 @@ class Engine:
         output = seq.output_ids + list(extra_output)
         return SamplingRow(p, seq.token_ids[: seq.num_prompt], output, seq.generator, masked)
 
-    def _sample(self, sampling: list[ScheduledSeq], logits: torch.Tensor, scratch, scheduled) -> None:
-        """Samples (or verifies) every sampling row group and appends the new tokens."""
-        plain = [i for i, s in enumerate(sampling) if not s.draft]
-        offsets, r = [], 0
-        for s in sampling:
-            offsets.append(r)
-            r += s.num_tokens if s.draft else 1
-        appended = {}
-        if plain:
-            rows = [self.sampling_row(sampling[i].seq) for i in plain]
-            plain_logits = logits[[offsets[i] for i in plain]]
-            out = sample(plain_logits, build_sampling_batch(rows, logits.shape[-1], self.device))
-            for j, tok in enumerate(out.token_ids.tolist()):
-                appended[sampling[plain[j]].seq.seq_id] = (sampling[plain[j]], [tok], plain_logits[j : j + 1])
-        scratch_of = {}
-        for b, offset, slot in scratch:
-            scratch_of.setdefault(scheduled[b].seq.seq_id, {})[offset] = slot
-        verify = [i for i, s in enumerate(sampling) if s.draft]
-        groups = [logits[offsets[i] : offsets[i] + sampling[i].num_tokens] for i in verify]
-        rows = [
-            [self.sampling_row(sampling[i].seq, sampling[i].draft[:j]) for j in range(sampling[i].num_tokens)]
-            for i in verify
-        ]
-        accepted = self.spec.verify_all([sampling[i] for i in verify], groups, rows) if verify else []
-        for i, group, tokens in zip(verify, groups, accepted):
-            s = sampling[i]
-            seq = s.seq
-            consumed = len(tokens)  # last sampled token + accepted drafts are now cached
-            seq.num_cached += consumed
-            slots = scratch_of.get(seq.seq_id, {})
-            if consumed < s.num_tokens:
-                self.state_pool.copy_slot(slots[consumed], seq.slot)  # commit the state of the last accepted token
-            # Pages past what the next step needs held rejected positions: give them back.
-            keep = self.kv_pool.pages_for(seq.num_cached + 1)
-            if len(seq.pages) > keep:
-                self.kv_pool.free(seq.pages[keep:])
-                del seq.pages[keep:]
-            appended[seq.seq_id] = (s, tokens, group[: len(tokens)])
-        if scratch:
-            self.state_pool.free_scratch([slot for _, _, slot in scratch])
-        for s, tokens, rows_logits in appended.values():
-            self._append_tokens(s.seq, tokens, rows_logits)
-
     def _append_tokens(self, seq: Sequence, tokens: list[int], rows_logits: torch.Tensor) -> None:
         want = seq.params.logprobs
         if want is not None:
@@ -355,35 +387,6 @@ class Engine:
                 alts = list(zip(top.indices[i].tolist(), top.values[i].tolist())) if want else []
                 seq.logprobs.append(TokenLogprob(tok, float(lp[i, tok]), alts))
             self._append_token(seq, tok)
-
-    def _draft(self, scheduled, hidden: torch.Tensor, starts: dict, t_target: float, target_tokens: int) -> None:
-        """MTP pass over every position committed this step, then drafts for the sequences about to decode.
-
-        When the policy chooses no drafts the MTP pass is skipped too, so plain decoding costs nothing extra; the
-        positions decoded meanwhile are missing from the MTP layer's cache, which only lowers later acceptance
-        (verification keeps the output exact)."""
-        decoding = [
-            s.seq
-            for s in scheduled
-            if not s.seq.stopped and s.seq.num_uncached == 1 and s.seq.slot is not None
-        ]
-        k = self.spec.policy.choose(len(decoding)) if decoding else 0
-        if k == 0:
-            for seq in decoding:
-                seq.draft, seq.draft_probs = [], None
-            self.spec.policy.observe_step(target_tokens, t_target, 0.0, 0)
-            return
-        t0 = time.perf_counter()
-        items = []
-        for s in scheduled:
-            seq = s.seq
-            first, row = starts[seq.seq_id]
-            n = seq.num_cached - first
-            if n > 0 and seq.num_cached < len(seq.token_ids):
-                items.append((seq, first, hidden[row : row + n]))
-        last = self.spec.mtp_pass(items)
-        self.spec.propose(decoding, last, k)
-        self.spec.policy.observe_step(target_tokens, t_target, time.perf_counter() - t0, k)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -413,8 +416,7 @@ class Engine:
 
     def reset_prefix_cache(self) -> None:
         """Empties the prefix cache (locked paths of running sequences stay)."""
-        if self.prefix_cache is not None:
-            self.prefix_cache.clear()
+        self.cache.clear()
 
     # ---- introspection -------------------------------------------------------------------------------------
     def check_integrity(self) -> None:
@@ -426,30 +428,15 @@ class Engine:
         NOTE: only the thread that steps the engine may call this (it walks queues and the prefix-cache tree that a
         step mutates); other threads read the snapshot `AsyncEngine.stats()` publishes."""
         running = self.scheduler.running
-        cache = self.prefix_cache
-        # Pages "used by requests": private pages of running sequences and tree pages on a locked path; the
-        # rest of the tree's pages are a cache that eviction can take back at any time.
-        private = sum(len(s.pages) - s.num_shared_pages for s in running)
-        tree_pages = locked_tree = 0
-        if cache is not None:
-            for node in cache.iter_nodes():
-                tree_pages += len(node.pages) + len(node.tails)
-                locked_tree += len(node.pages) if node.lock else 0
         return {
             "num_running": len({s.request.request_id for s in running}),
             "num_waiting": len({s.request.request_id for s in self.scheduler.waiting}),
-            "kv_pages_used": private + locked_tree,
-            "kv_pages_cached": tree_pages - locked_tree,
-            "kv_pages_total": self.kv_pool.num_pages,
+            **self.cache.stats(),
             "state_slots_used": len(running),
             "state_slots_total": self.capacity.num_slots,
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
-            "prefix_cache_queried_tokens": cache.queried_tokens if cache else 0,
-            "prefix_cache_hit_tokens": cache.hit_tokens if cache else 0,
-            "prefix_cache_snapshots": cache.num_snapshots if cache else 0,
-            "prefix_cache_snapshot_evictions": cache.snapshot_evictions if cache else 0,
             **self._spec_stats(),
         }
 

@@ -1,6 +1,8 @@
-"""PrefixCache: a radix tree over token ids that lets new sequences reuse KV pages and recurrent-state snapshots.
+"""PrefixTree: a radix tree over token ids that records which KV pages and recurrent-state snapshots hold which
+prefixes. It is an index only: it never allocates or frees; the cache manager (cache_manager.py) does, with what
+the tree hands back.
 
-A hybrid model can resume from a prefix only where the Gated DeltaNet state was saved, so the tree stores two
+A hybrid model can resume from a prefix only where the Gated DeltaNet state was saved, so the tree records two
 things: KV pages (owned by nodes, page-aligned spans) and snapshots (state slots) at chosen positions.
 
   node          a span of whole pages of tokens; owns those KV pages; may hold `snapshot`, the state at its end
@@ -8,20 +10,22 @@ things: KV pages (owned by nodes, page-aligned spans) and snapshots (state slots
                 a request's end (finish, abort, preemption) rarely falls on a page boundary, so it is kept as a tail
   lock          running sequences lock the path they use (root .. their node): locked nodes keep their pages
 
-A lookup returns the deepest usable snapshot (aligned or tail) on the query's path, never past `limit`; the
-sequence shares the path's pages read-only, gets a private copy of a tail's partial page, and copies the snapshot
-into its own slot (snapshots are never mutated). KV pages and snapshots are evicted by separate LRU policies:
-pages from unlocked leaves when the KV pool runs dry, snapshots when their slot budget is full. A leaf left with
-no snapshot, no tail and no lock is useless (no lookup can stop there) and is pruned at once.
+A lookup (`match`) is read-only: it returns the deepest usable snapshot (aligned or tail) on the query's path,
+never past `limit`, and refreshes nothing. Only `use` (a match that was admitted), `insert` and `attach` refresh
+the recency of what they touch. Eviction takes the least recently used entry off one of two heaps, each of lazily
+invalidated entries (stale ones are skipped when popped): unlocked leaves (their pages) and snapshots (their slots).
+A leaf left with no snapshot, no tail and no lock is useless (no lookup can stop there) and is pruned at once.
+
+`evictable_pages` counts the pages that leaf eviction could free (pages and tail pages of unlocked nodes below
+the root): the cache manager's `can_grow`/`can_admit` add it to the free list. `num_pages` counts every page the
+tree holds and `locked_pages` those of nodes on a locked path (read by running sequences), for the metrics.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from dataclasses import dataclass, field
-
-from nextserve.engine.kv_pool import KVPool
-from nextserve.engine.state_pool import StatePool
 
 
 @dataclass(eq=False)
@@ -43,7 +47,9 @@ class Node:
     snapshot: int | None = None
     tails: dict[tuple[int, ...], Tail] = field(default_factory=dict)
     lock: int = 0
-    last_used: int = 0
+    last_used: int = 0  # recency of the node's pages
+    snapshot_used: int = 0  # recency of its aligned snapshot
+    alive: bool = True
 
     @property
     def end(self) -> int:
@@ -52,45 +58,58 @@ class Node:
 
 @dataclass
 class Match:
-    node: Node  # deepest node of the reused path (to lock)
+    node: Node | None  # deepest node of the reused path (to lock); None when there is no tree
     pages: list[int]  # shared pages of the path, in order
     length: int  # tokens reused
     slot: int | None  # snapshot to copy into the sequence's slot (None: nothing reused)
-    tail_page: int | None  # partial page to copy (tail matches only)
+    tail: Tail | None = None  # the tail matched (its partial page is copied)
     # Page-aligned length of the query that the tree holds KV for (may pass the last snapshot): where the query
     # branches off. A snapshot taken there lets the next request with this prefix reuse all of it.
     kv_length: int = 0
 
 
-class PrefixCache:
-    def __init__(self, kv: KVPool, states: StatePool, max_snapshots: int):
-        self.kv, self.states = kv, states
-        self.ps = kv.page_size
-        self.root = Node((), [], None, 0)
-        self.max_snapshots = max_snapshots
-        self.num_snapshots = 0
-        self._clock = itertools.count(1)
-        # Counters for metrics.
-        self.queried_tokens = 0
-        self.hit_tokens = 0
-        self.snapshot_evictions = 0
-        self.page_evictions = 0
+@dataclass
+class Freed:
+    """What an eviction or a prune took out of the tree, for the cache manager to give back to the pools."""
 
-    # ---- lookup --------------------------------------------------------------------------------------------
+    pages: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    snapshots: int = 0  # of `slots`, how many were snapshots counted in num_snapshots (all of them)
+
+    def add(self, other: Freed) -> Freed:
+        self.pages += other.pages
+        self.slots += other.slots
+        self.snapshots += other.snapshots
+        return self
+
+
+class PrefixTree:
+    def __init__(self, page_size: int):
+        self.ps = page_size
+        self.root = Node((), [], None, 0)
+        self.num_snapshots = 0
+        self.evictable_pages = 0
+        self.num_pages = 0
+        self.locked_pages = 0
+        self.num_nodes = 0
+        self._clock = itertools.count(1)
+        self._serial = itertools.count()
+        self._leaves: list[tuple[int, int, Node]] = []  # (last_used, serial, node)
+        self._snapshots: list[tuple[int, int, Node, tuple[int, ...] | None]] = []  # (stamp, serial, node, tail)
+
+    # ---- lookup (read-only) --------------------------------------------------------------------------------
     def match(self, tokens: list[int], limit: int) -> Match:
-        """Deepest reusable prefix of `tokens` of at most `limit` tokens."""
-        ps, now = self.ps, next(self._clock)
-        best = Match(self.root, [], 0, None, None)
+        """Deepest reusable prefix of `tokens` of at most `limit` tokens. Changes nothing."""
+        ps = self.ps
+        best = Match(self.root, [], 0, None)
         node, pos, pages = self.root, 0, []
         while True:
-            node.last_used = now
             if node.snapshot is not None and 0 < pos <= limit:
-                best = Match(node, list(pages), pos, node.snapshot, None)
+                best = Match(node, list(pages), pos, node.snapshot)
             for tail in node.tails.values():
                 end = pos + len(tail.tokens)
                 if best.length < end <= limit and tuple(tokens[pos:end]) == tail.tokens:
-                    tail.last_used = now
-                    best = Match(node, list(pages), end, tail.slot, tail.page)
+                    best = Match(node, list(pages), end, tail.slot, tail)
             child = node.children.get(tuple(tokens[pos : pos + ps]))
             if child is None or tuple(tokens[pos : pos + len(child.tokens)]) != child.tokens:
                 if child is not None:  # partial match: count the whole pages that agree
@@ -107,37 +126,72 @@ class PrefixCache:
         return best
 
     def has_snapshot_at(self, tokens: list[int], pos: int) -> bool:
-        m = self.match(tokens, pos)
-        return m.length == pos
+        return self.match(tokens, pos).length == pos
+
+    def use(self, match: Match) -> None:
+        """A match was admitted: its path, its snapshot or tail become the most recently used."""
+        now = next(self._clock)
+        if match.tail is not None:
+            match.tail.last_used = now
+            self._offer_snapshot(match.node, match.tail)
+        elif match.slot is not None:
+            match.node.snapshot_used = now
+            self._offer_snapshot(match.node, None)
+        self._touch_path(match.node, now)
+
+    def _touch_path(self, node: Node, now: int) -> None:
+        while node is not None:
+            node.last_used = now
+            self._offer_leaf(node)
+            node = node.parent
 
     # ---- locks ---------------------------------------------------------------------------------------------
     def lock(self, node: Node) -> None:
         while node is not None:
+            if node.lock == 0 and node is not self.root:
+                self.evictable_pages -= len(node.pages) + len(node.tails)
+                self.locked_pages += len(node.pages)
             node.lock += 1
             node = node.parent
 
     def unlock(self, node: Node) -> None:
         while node is not None:
             node.lock -= 1
-            assert node.lock >= 0
+            if node.lock < 0:
+                raise RuntimeError("prefix tree: a path was unlocked more often than locked")
+            if node.lock == 0 and node is not self.root:
+                self.evictable_pages += len(node.pages) + len(node.tails)
+                self.locked_pages -= len(node.pages)
+                self._offer_leaf(node)
             node = node.parent
+
+    def unlocked_on_path(self, node: Node) -> int:
+        """Evictable pages that locking node's path would take off `evictable_pages`."""
+        n = 0
+        while node is not None and node is not self.root and node.lock == 0:
+            n += len(node.pages) + len(node.tails)
+            node = node.parent
+        return n
 
     # ---- insertion -----------------------------------------------------------------------------------------
     def insert(self, tokens: list[int], pages: list[int], length: int) -> tuple[Node, list[int]]:
-        """Makes tokens[:length] (whole pages, KV in `pages`) a path of the tree.
-
-        Spans already in the tree keep their pages: the caller's copies of them are returned as duplicates (to
-        free), and `pages` is updated in place to the tree's pages. Returns the node ending at `length`.
-        """
+        """Makes tokens[:length] (whole pages, KV in `pages`) a path of the tree. Returns the node ending at
+        `length` and the tree's pages for tokens[:length]: spans already in the tree keep their own pages, so where
+        these differ from `pages` the caller's copies are duplicates (the caller frees them). `pages` is not
+        changed."""
         assert length % self.ps == 0
         ps, now = self.ps, next(self._clock)
-        node, pos, dups = self.root, 0, []
+        node, pos, tree_pages = self.root, 0, []
         while pos < length:
             key = tuple(tokens[pos : pos + ps])
             child = node.children.get(key)
             if child is None:
                 new = Node(tuple(tokens[pos:length]), list(pages[pos // ps : length // ps]), node, pos)
                 node.children[key] = new
+                self.num_nodes += 1
+                self.evictable_pages += len(new.pages)
+                self.num_pages += len(new.pages)
+                tree_pages += new.pages
                 node, pos = new, length
                 break
             k = 1
@@ -149,18 +203,14 @@ class PrefixCache:
                 k += 1
             if k < len(child.pages):
                 child = self._split(child, k)
-            for i in range(k):
-                j = pos // ps + i
-                if pages[j] != child.pages[i]:
-                    dups.append(pages[j])
-                    pages[j] = child.pages[i]
-            child.last_used = now
+            tree_pages += child.pages
             node, pos = child, child.end
-        node.last_used = now
-        return node, dups
+        self._touch_path(node, now)
+        return node, tree_pages
 
     def _split(self, child: Node, k: int) -> Node:
-        """Cuts `child` after k pages; returns the new upper node (child keeps the rest, its snapshot, its tails)."""
+        """Cuts `child` after k pages; returns the new upper node (child keeps the rest, its snapshot, its tails).
+        Both halves keep child's lock and recency, so `evictable_pages` is unchanged."""
         ps = self.ps
         upper = Node(
             child.tokens[: k * ps],
@@ -174,40 +224,122 @@ class PrefixCache:
         child.tokens, child.pages, child.start = child.tokens[k * ps :], child.pages[k:], child.start + k * ps
         child.parent = upper
         upper.children[child.tokens[:ps]] = child
+        self.num_nodes += 1
         return upper
 
-    def reserve_snapshot(self) -> int | None:
-        """A fresh state slot counted as a snapshot, within the budget (the LRU snapshot makes room); None when
-        the budget is zero."""
-        if not self.adopt_slot():
-            return None
-        return self.states.allocate()
-
-    def adopt_slot(self) -> bool:
-        """Counts a slot the caller already holds (a finished sequence's working slot) as a snapshot."""
-        if self.num_snapshots >= self.max_snapshots and not self.evict_snapshots(1):
+    def attach(self, node: Node, tail_tokens: tuple[int, ...], slot: int, tail_page: int | None) -> bool:
+        """Records a snapshot at node's end (+ tail tokens, whose KV is in tail_page). False when the same
+        snapshot exists already (the caller keeps slot and page)."""
+        if (tail_tokens in node.tails) if tail_tokens else (node.snapshot is not None):
             return False
+        now = next(self._clock)
+        if tail_tokens:
+            tail = node.tails[tail_tokens] = Tail(node, tail_tokens, tail_page, slot, now)
+            self.num_pages += 1
+            if node.lock == 0 and node is not self.root:
+                self.evictable_pages += 1
+            self._offer_snapshot(node, tail)
+        else:
+            node.snapshot, node.snapshot_used = slot, now
+            self._offer_snapshot(node, None)
         self.num_snapshots += 1
         return True
 
-    def attach(self, node: Node, tail_tokens: tuple[int, ...], slot: int, tail_page: int | None) -> bool:
-        """Hangs a reserved/adopted snapshot at node's end (+ tail tokens, whose KV is in tail_page). False when
-        the same snapshot exists already: the caller then gives slot and page back with `release`."""
-        if (tail_tokens in node.tails) if tail_tokens else (node.snapshot is not None):
-            return False
-        if tail_tokens:
-            node.tails[tail_tokens] = Tail(node, tail_tokens, tail_page, slot, next(self._clock))
-        else:
-            node.snapshot = slot
-        return True
-
-    def release(self, slot: int, tail_page: int | None = None) -> None:
-        self.states.free(slot)
-        if tail_page is not None:
-            self.kv.free([tail_page])
-        self.num_snapshots -= 1
-
     # ---- eviction ------------------------------------------------------------------------------------------
+    def _offer_leaf(self, node: Node) -> None:
+        if node is not self.root and not node.children and node.lock == 0:
+            heapq.heappush(self._leaves, (node.last_used, next(self._serial), node))
+            self._compact()
+
+    def _offer_snapshot(self, node: Node, tail: Tail | None) -> None:
+        stamp = tail.last_used if tail is not None else node.snapshot_used
+        heapq.heappush(self._snapshots, (stamp, next(self._serial), node, tail.tokens if tail else None))
+        self._compact()
+
+    def _leaf_entry_valid(self, entry) -> bool:
+        stamp, _, node = entry
+        return node.alive and not node.children and node.lock == 0 and node.last_used == stamp
+
+    def _snapshot_entry_valid(self, entry) -> bool:
+        stamp, _, node, tail = entry
+        if not node.alive:
+            return False
+        if tail is None:
+            return node.snapshot is not None and node.snapshot_used == stamp
+        t = node.tails.get(tail)
+        return t is not None and t.last_used == stamp
+
+    def _compact(self) -> None:
+        """Drops stale entries once they outnumber live ones, so the heaps stay O(tree size)."""
+        if len(self._leaves) > 2 * self.num_nodes + 64:
+            self._leaves = [e for e in self._leaves if self._leaf_entry_valid(e)]
+            heapq.heapify(self._leaves)
+        if len(self._snapshots) > 2 * self.num_snapshots + 64:
+            self._snapshots = [e for e in self._snapshots if self._snapshot_entry_valid(e)]
+            heapq.heapify(self._snapshots)
+
+    def pop_lru_leaf(self) -> Freed | None:
+        """Removes the least recently used unlocked leaf (its pages, snapshot and tails); None when none is left."""
+        while self._leaves:
+            entry = heapq.heappop(self._leaves)
+            if self._leaf_entry_valid(entry):
+                return self._remove_leaf(entry[2])
+        return None
+
+    def pop_lru_snapshot(self) -> Freed | None:
+        """Removes the least recently used snapshot (aligned or tail), pruning what it leaves useless."""
+        while self._snapshots:
+            entry = heapq.heappop(self._snapshots)
+            if not self._snapshot_entry_valid(entry):
+                continue
+            _, _, node, tail_tokens = entry
+            freed = Freed(snapshots=1)
+            if tail_tokens is None:
+                freed.slots.append(node.snapshot)
+                node.snapshot = None
+            else:
+                tail = node.tails.pop(tail_tokens)
+                freed.slots.append(tail.slot)
+                freed.pages.append(tail.page)
+                self.num_pages -= 1
+                if node.lock == 0 and node is not self.root:
+                    self.evictable_pages -= 1
+            self.num_snapshots -= 1
+            return freed.add(self.prune(node))
+        return None
+
+    def _remove_leaf(self, leaf: Node) -> Freed:
+        assert leaf.lock == 0 and not leaf.children and leaf is not self.root
+        freed = Freed(pages=list(leaf.pages))
+        if leaf.snapshot is not None:
+            freed.slots.append(leaf.snapshot)
+            freed.snapshots += 1
+        for tail in leaf.tails.values():
+            freed.slots.append(tail.slot)
+            freed.pages.append(tail.page)
+            freed.snapshots += 1
+        self.num_snapshots -= freed.snapshots
+        self.evictable_pages -= len(leaf.pages) + len(leaf.tails)
+        self.num_pages -= len(leaf.pages) + len(leaf.tails)
+        self.num_nodes -= 1
+        leaf.alive = False
+        parent = leaf.parent
+        del parent.children[leaf.tokens[: self.ps]]
+        self._offer_leaf(parent)
+        return freed
+
+    def prune(self, node: Node) -> Freed:
+        """Removes useless leaves (no snapshot, no tail, no lock) upwards from node."""
+        freed = Freed()
+        while (
+            node is not self.root and not node.children and node.lock == 0 and node.snapshot is None and not node.tails
+        ):
+            parent = node.parent
+            freed.add(self._remove_leaf(node))
+            node = parent
+        return freed
+
+    # ---- accounting ----------------------------------------------------------------------------------------
     def iter_nodes(self):
         stack = [self.root]
         while stack:
@@ -215,77 +347,8 @@ class PrefixCache:
             yield n
             stack.extend(n.children.values())
 
-    def evict_snapshots(self, n: int) -> int:
-        """Frees up to n snapshots, least recently used first; returns how many were freed."""
-        entries = []  # (last_used, node, tail or None)
-        for node in self.iter_nodes():
-            if node.snapshot is not None:
-                entries.append((node.last_used, id(node), node, None))
-            for tail in node.tails.values():
-                entries.append((tail.last_used, id(tail), node, tail))
-        entries.sort(key=lambda e: (e[0], e[1]))
-        freed = 0
-        for _, _, node, tail in entries:
-            if freed == n:
-                break
-            if tail is None:
-                self.states.free(node.snapshot)
-                node.snapshot = None
-            else:
-                del node.tails[tail.tokens]
-                self.states.free(tail.slot)
-                self.kv.free([tail.page])
-            self.num_snapshots -= 1
-            self.snapshot_evictions += 1
-            freed += 1
-            self.prune(node)
-        return freed
-
-    def evict_pages(self, n: int) -> int:
-        """Frees at least n KV pages from unlocked leaves, least recently used first (as far as possible)."""
-        freed = 0
-        while freed < n:
-            leaves = [x for x in self.iter_nodes() if x is not self.root and not x.children and x.lock == 0]
-            if not leaves:
-                break
-            leaf = min(leaves, key=lambda x: x.last_used)
-            freed += self._remove_leaf(leaf)
-        return freed
-
-    def _remove_leaf(self, leaf: Node) -> int:
-        freed = len(leaf.pages)
-        self.kv.free(leaf.pages)
-        if leaf.snapshot is not None:
-            self.states.free(leaf.snapshot)
-            self.num_snapshots -= 1
-            self.snapshot_evictions += 1
-        for tail in leaf.tails.values():
-            self.states.free(tail.slot)
-            self.kv.free([tail.page])
-            self.num_snapshots -= 1
-            self.snapshot_evictions += 1
-            freed += 1
-        del leaf.parent.children[leaf.tokens[: self.ps]]
-        self.page_evictions += freed
-        return freed
-
-    def prune(self, node: Node) -> None:
-        """Removes useless leaves (no snapshot, no tail, no lock) upwards from node."""
-        while (
-            node is not self.root and not node.children and node.lock == 0 and node.snapshot is None and not node.tails
-        ):
-            parent = node.parent
-            self._remove_leaf(node)
-            node = parent
-
-    def clear(self) -> None:
-        """Drops every snapshot and every unlocked page (what `reset_prefix_cache` does)."""
-        self.evict_snapshots(self.num_snapshots)
-        self.evict_pages(self.kv.num_pages)
-
-    # ---- accounting ----------------------------------------------------------------------------------------
     def owned(self) -> tuple[list[int], list[int]]:
-        """(pages, slots) owned by the tree, for the pools' integrity check."""
+        """(pages, slots) the tree records, for the integrity check."""
         pages, slots = [], []
         for node in self.iter_nodes():
             pages += node.pages
@@ -297,12 +360,31 @@ class PrefixCache:
         return pages, slots
 
     def check(self) -> None:
-        n = 0
+        """The tree's invariants, its counters and its heaps: every unlocked leaf and every snapshot can be found by
+        eviction."""
+        snapshots = evictable = nodes = pages = locked = 0
+        leaves = {id(e[2]) for e in self._leaves if self._leaf_entry_valid(e)}
+        snaps = {(id(e[2]), e[3]) for e in self._snapshots if self._snapshot_entry_valid(e)}
         for node in self.iter_nodes():
+            pages += len(node.pages) + len(node.tails)
             if node is not self.root:
+                nodes += 1
+                locked += len(node.pages) if node.lock else 0
+                assert node.alive
                 assert len(node.tokens) == len(node.pages) * self.ps and node.tokens
                 assert node.parent.children[node.tokens[: self.ps]] is node
                 assert node.start == node.parent.end
+                if node.lock == 0:
+                    evictable += len(node.pages) + len(node.tails)
+                    if not node.children:
+                        assert id(node) in leaves, "an unlocked leaf that eviction cannot find"
             assert node.lock >= sum(c.lock for c in node.children.values())
-            n += (node.snapshot is not None) + len(node.tails)
-        assert n == self.num_snapshots <= self.max_snapshots
+            if node.snapshot is not None:
+                assert (id(node), None) in snaps, "a snapshot that eviction cannot find"
+            for t in node.tails:
+                assert (id(node), t) in snaps, "a tail that eviction cannot find"
+            snapshots += (node.snapshot is not None) + len(node.tails)
+        assert snapshots == self.num_snapshots, (snapshots, self.num_snapshots)
+        assert evictable == self.evictable_pages, (evictable, self.evictable_pages)
+        assert nodes == self.num_nodes, (nodes, self.num_nodes)
+        assert pages == self.num_pages and locked == self.locked_pages, (pages, locked)

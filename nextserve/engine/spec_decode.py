@@ -19,11 +19,14 @@ measured acceptance per position and a measured cost model of the step, down to 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from nextserve.engine.cache_manager import CacheManager
 from nextserve.engine.request import Sequence
 from nextserve.engine.sampler import SamplingRow, build_sampling_batch, process_logits, sample
 from nextserve.forward_batch import ForwardBatch
@@ -128,11 +131,29 @@ class DraftPolicy:
 
 
 class SpecDecoder:
-    """Owns drafting, verification and acceptance; the engine calls it around each step."""
+    """Owns drafting, verification and acceptance. The engine calls it at three points of a step:
 
-    def __init__(self, engine, max_steps: int, adaptive: bool):
-        self.engine = engine
-        self.model = engine.model
+      plan_scratch(scheduled)        before the forward: scratch slots for the verify rows' intermediate states
+      accept(verify, groups, ...)    after it: accepted tokens per verify group, the sequences' caches committed
+      draft(scheduled, hidden, ...)  at the end: the MTP pass and the next drafts (seq.draft, seq.draft_probs)
+
+    It holds the model, the cache manager and the engine's sampling-row function, never the engine."""
+
+    def __init__(
+        self,
+        model,
+        cache: CacheManager,
+        device: torch.device,
+        max_model_len: int,
+        sampling_row: Callable[[Sequence, list[int]], SamplingRow],
+        max_steps: int,
+        adaptive: bool,
+    ):
+        self.model = model
+        self.cache = cache
+        self.device = device
+        self.max_model_len = max_model_len
+        self.sampling_row = sampling_row
         self.max_steps = max_steps
         self.policy = DraftPolicy(max_steps, fixed=not adaptive)
         self.stats = SpecStats()
@@ -144,8 +165,29 @@ class SpecDecoder:
         plan = []
         for b, s in enumerate(scheduled):
             for offset in range(1, s.num_tokens if s.draft else 0):
-                plan.append((b, offset, self.engine.state_pool.allocate_scratch()))
+                plan.append((b, offset, self.cache.allocate_scratch()))
         return plan
+
+    # ---- after the step: acceptance and commit -------------------------------------------------------------
+    def accept(self, verify, groups: list[torch.Tensor], scheduled, scratch) -> list[list[int]]:
+        """Decides each verify group (ScheduledSeq with drafts; `groups` their logits rows) and commits it: the
+        accepted tokens become cached, the live state becomes the state after the last of them, pages that held
+        rejected positions go back. Frees the step's scratch slots. Returns the tokens to append per group."""
+        rows = [[self.sampling_row(s.seq, s.draft[:j]) for j in range(s.num_tokens)] for s in verify]
+        accepted = self.verify_all(verify, groups, rows) if verify else []
+        scratch_of = {}
+        for b, offset, slot in scratch:
+            scratch_of.setdefault(scheduled[b].seq.seq_id, {})[offset] = slot
+        for s, tokens in zip(verify, accepted):
+            seq = s.seq
+            consumed = len(tokens)  # last sampled token + accepted drafts are now cached
+            seq.num_cached += consumed
+            if consumed < s.num_tokens:
+                self.cache.commit_state(scratch_of[seq.seq_id][consumed], seq)
+            self.cache.shrink(seq, seq.num_cached + 1)  # what the next step needs
+        if scratch:
+            self.cache.free_scratch([slot for _, _, slot in scratch])
+        return accepted
 
     # ---- acceptance ----------------------------------------------------------------------------------------
     def verify_all(self, scheduled, groups: list[torch.Tensor], rows: list[list[SamplingRow]]) -> list[list[int]]:
@@ -156,7 +198,7 @@ class SpecDecoder:
         if greedy:
             flat_rows = [r for i in greedy for r in rows[i]]
             logits = torch.cat([groups[i] for i in greedy])
-            target = sample(logits, build_sampling_batch(flat_rows, logits.shape[-1], self.engine.device))
+            target = sample(logits, build_sampling_batch(flat_rows, logits.shape[-1], self.device))
             target = target.token_ids.tolist()
             start = 0
             for i in greedy:
@@ -179,7 +221,7 @@ class SpecDecoder:
         """Accept d_i with probability min(1, p(d_i)/q(d_i)); on rejection draw from norm(max(p - q, 0)); if all
         are accepted, draw the bonus token from p. The committed tokens follow the target distribution."""
         seq, draft = s.seq, s.draft
-        p = torch.softmax(process_logits(logits, build_sampling_batch(rows, logits.shape[-1], self.engine.device)), -1)
+        p = torch.softmax(process_logits(logits, build_sampling_batch(rows, logits.shape[-1], self.device)), -1)
         q, gen = seq.draft_probs, seq.generator
         tokens = []
         for i, d in enumerate(draft):
@@ -193,6 +235,35 @@ class SpecDecoder:
             return tokens
         tokens.append(int(torch.multinomial(p[len(draft)], 1, generator=gen).item()))
         return tokens
+
+    # ---- at the end of the step: MTP pass and drafts -------------------------------------------------------
+    def draft(self, scheduled, hidden: torch.Tensor, starts: dict, t_target: float, target_tokens: int) -> None:
+        """MTP pass over every position committed this step, then drafts for the sequences about to decode.
+        `starts` maps seq_id to (first position, first hidden row) of what the step computed.
+
+        When the policy chooses no drafts the MTP pass is skipped too, so plain decoding costs nothing extra; the
+        positions decoded meanwhile are missing from the MTP layer's cache, which only lowers later acceptance
+        (verification keeps the output exact)."""
+        decoding = [
+            s.seq for s in scheduled if not s.seq.stopped and s.seq.num_uncached == 1 and s.seq.slot is not None
+        ]
+        k = self.policy.choose(len(decoding)) if decoding else 0
+        if k == 0:
+            for seq in decoding:
+                seq.draft, seq.draft_probs = [], None
+            self.policy.observe_step(target_tokens, t_target, 0.0, 0)
+            return
+        t0 = time.perf_counter()
+        items = []
+        for s in scheduled:
+            seq = s.seq
+            first, row = starts[seq.seq_id]
+            n = seq.num_cached - first
+            if n > 0 and seq.num_cached < len(seq.token_ids):
+                items.append((seq, first, hidden[row : row + n]))
+        last = self.mtp_pass(items)
+        self.propose(decoding, last, k)
+        self.policy.observe_step(target_tokens, t_target, time.perf_counter() - t0, k)
 
     # ---- MTP pass over committed positions, then drafting --------------------------------------------------
     @torch.inference_mode()
@@ -210,30 +281,27 @@ class SpecDecoder:
             cached_lens=[start for _, start, _ in items],
             state_slots=[0] * len(items),
             page_tables=[seq.pages for seq, _, _ in items],
-            page_size=self.engine.kv_pool.page_size,
-            device=self.engine.device,
+            page_size=self.cache.page_size,
+            device=self.device,
         )
-        out = self.model.mtp_forward(torch.tensor(ids, device=self.engine.device), torch.cat(hidden), batch)
+        out = self.model.mtp_forward(torch.tensor(ids, device=self.device), torch.cat(hidden), batch)
         last = batch.cu_seqlens[1:].long() - 1
         return {seq.seq_id: out[i] for (seq, _, _), i in zip(items, last.tolist())}
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], last_hidden: dict[int, torch.Tensor], k: int) -> None:
         """Sets seq.draft (k tokens, fewer near max_tokens) for each sequence about to decode."""
-        eng = self.engine
         todo = []
         for seq in seqs:
             seq.draft, seq.draft_probs = [], None
-            room = min(seq.request.max_tokens - len(seq.output_ids), eng.max_model_len - len(seq.token_ids)) - 1
+            room = min(seq.request.max_tokens - len(seq.output_ids), self.max_model_len - len(seq.token_ids)) - 1
             kk = min(k, room)
             if kk <= 0 or seq.seq_id not in last_hidden:
                 continue
             # MTP KV for draft positions c .. c+kk-2 (the verify step allocates the rest).
-            need = eng.kv_pool.pages_for(seq.num_cached + kk - 1) - len(seq.pages)
-            if need > 0:
-                if not eng.scheduler.reserve_pages(need):
-                    continue
-                seq.pages += eng.kv_pool.allocate(need)
+            if not self.cache.can_grow(seq, seq.num_cached + kk - 1):
+                continue
+            self.cache.grow(seq, seq.num_cached + kk - 1)
             todo.append((seq, kk))
         if not todo:
             return
@@ -243,7 +311,7 @@ class SpecDecoder:
             active = [i for i, (_, kk) in enumerate(todo) if kk > step]
             rows = [self._row(todo[i][0]) for i in active]
             logits = self.model.compute_logits(hidden[active]).float()
-            batch = build_sampling_batch(rows, logits.shape[-1], eng.device)
+            batch = build_sampling_batch(rows, logits.shape[-1], self.device)
             if all(todo[i][0].params.greedy for i in active):
                 tokens = sample(logits, batch).token_ids.tolist()
             else:
@@ -269,10 +337,10 @@ class SpecDecoder:
                 cached_lens=[todo[i][0].num_cached + step for i in nxt],
                 state_slots=[0] * len(nxt),
                 page_tables=[todo[i][0].pages for i in nxt],
-                page_size=eng.kv_pool.page_size,
-                device=eng.device,
+                page_size=self.cache.page_size,
+                device=self.device,
             )
-            ids = torch.tensor([todo[i][0].draft[-1] for i in nxt], device=eng.device)
+            ids = torch.tensor([todo[i][0].draft[-1] for i in nxt], device=self.device)
             out = self.model.mtp_forward(ids, hidden[nxt], batch)
             hidden = hidden.clone()
             hidden[nxt] = out
@@ -282,4 +350,4 @@ class SpecDecoder:
 
     def _row(self, seq: Sequence) -> SamplingRow:
         """Sampling row for the next draft position: the history includes the drafts made so far."""
-        return self.engine.sampling_row(seq, extra_output=seq.draft)
+        return self.sampling_row(seq, seq.draft)

@@ -40,12 +40,12 @@ def ids(length: int, seed: int) -> list[int]:
 
 def empty_prefix_cache(engine) -> None:
     """Evicts everything the prefix cache holds; possible only if no sequence still locks a path of it."""
-    cache = getattr(engine, "prefix_cache", None)
-    if cache is None:
+    tree = engine.cache.tree
+    if tree is None:
         return
-    assert cache.root.lock == 0, "a sequence that is gone still locks the prefix cache"
-    cache.evict_snapshots(cache.num_snapshots)
-    cache.evict_pages(engine.kv_pool.num_pages)
+    assert tree.root.lock == 0, "a sequence that is gone still locks the prefix cache"
+    engine.cache.clear()
+    assert tree.num_nodes == 0 and tree.num_snapshots == 0
     engine.check_integrity()
 
 

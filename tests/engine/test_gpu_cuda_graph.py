@@ -116,4 +116,4 @@ def test_engine_graphs_with_spec_decode_and_prefix_cache(tiny_mtp_model_dir):
     assert eng.spec.stats.verify_steps > 0, "no speculative verify step ran"
     assert len(replays) > 0, "no decode step replayed a CUDA graph"
     assert max(replays) > 1, f"every replay ran one sequence: {replays}"
-    assert eng.prefix_cache is not None and eng.prefix_cache.num_snapshots > 0  # snapshots beside the graphs
+    assert eng.cache.tree is not None and eng.cache.num_snapshots > 0  # snapshots beside the graphs

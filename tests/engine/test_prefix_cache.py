@@ -192,7 +192,7 @@ def test_preemption_and_eviction_pressure(tiny_model_dir, off):
     outs = llm.generate(prompts, GREEDY)
     assert tokens(outs) == tokens(off.generate(prompts, GREEDY))
     assert llm.engine.scheduler.num_preemptions > 0
-    assert llm.engine.prefix_cache.snapshot_evictions > 0
+    assert llm.engine.cache.snapshot_evictions > 0
     llm.engine.check_integrity()
     outs2 = llm.generate(prompts[:3], GREEDY)
     assert tokens(outs2) == tokens(outs[:3])
@@ -235,9 +235,9 @@ def test_randomized_operations_keep_tree_and_pools_consistent(tiny_model_dir):
     for rid in list(live):
         eng.abort(rid)
     eng.check_integrity()
-    assert eng.kv_pool.num_used == sum(len(p) for p in [eng.prefix_cache.owned()[0]])
-    assert eng.state_pool.num_used == eng.prefix_cache.num_snapshots
-    assert eng.prefix_cache.hit_tokens > 0
+    assert eng.kv_pool.num_used == len(eng.cache.tree.owned()[0])
+    assert eng.state_pool.num_used == eng.cache.num_snapshots
+    assert eng.cache.hit_tokens > 0
     # Everything the tree holds is evictable once nothing runs.
     eng.reset_prefix_cache()
     eng.check_integrity()

@@ -45,7 +45,7 @@ def oracle(monkeypatch, reference):
         for seq in seqs:
             ref = by_prompt[tuple(seq.token_ids[: seq.num_prompt])]
             done = len(seq.output_ids)
-            room = min(seq.request.max_tokens - done, self.engine.max_model_len - len(seq.token_ids)) - 1
+            room = min(seq.request.max_tokens - done, self.max_model_len - len(seq.token_ids)) - 1
             draft = list(ref[done : done + max(0, min(k, room))])
             w = settings["wrong_at"]
             if w is not None and len(draft) > w:
