@@ -347,7 +347,8 @@ async def _chat_completions(srv: _Server, request: Request, req: ChatCompletionR
         n=req.n,
         logprobs=req.logprobs,
         include_usage=req.include_usage,
-        reasoning=srv.reasoning_cls.from_prompt(prompt) if srv.reasoning_cls else None,
+        # With tools, a <tool_call> before </think> ends the reasoning (the tool parser then finds it).
+        reasoning=srv.reasoning_cls.from_prompt(prompt, tool_calls=parse_tools) if srv.reasoning_cls else None,
         tools=srv.tool_cls() if parse_tools and srv.tool_cls else None,
         token_text=srv.token_text,
     )

@@ -10,13 +10,17 @@ Contract. The Qwen3 Thinking chat template ends the prompt with `<think>\\n`, so
   first `</think>`; any other output is all content, verbatim.
 - No `</think>` after the reasoning started (cut off by length, or stopped): everything seen is reasoning and the
   content is None.
-- Tags after the first `</think>` are ordinary content.
+- Tags after the first `</think>` are ordinary content. `<think>` tags inside the reasoning (`<think><think>`, a
+  model opening the block twice) are dropped: the reasoning never shows a tag.
+- With `tool_calls=True` (the request has tools and a tool parser runs), a `<tool_call>` written before `</think>`
+  ends the reasoning there (SGLang's rule: models sometimes call a tool without closing the block); the block and
+  what follows are content, and the first `</think>` after it (the block closed late) is dropped.
 - Newlines the template puts around the tags are trimmed: reasoning loses its leading and trailing newlines and
   the content after `</think>` loses its leading newlines (the template's "\\n\\n"). Spaces are kept.
 
-`Qwen3ReasoningParser.parse` handles a whole output; `Qwen3ReasoningStream` takes detokenized text deltas and
-returns (reasoning_delta, content_delta) pairs whose concatenations equal `parse` of the whole text ("" where
-`parse` says None). A tag split across deltas is held back only while the held text could still become the tag.
+`Qwen3ReasoningStream` takes detokenized text deltas and returns (reasoning_delta, content_delta) pairs;
+`Qwen3ReasoningParser.parse` of a whole output is that stream fed the whole text (None where it gives ""), so the
+two agree by construction. A tag split across deltas is held back only while the held text could still become it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from enum import Enum
 
 THINK_START = "<think>"
 THINK_END = "</think>"
+TOOL_CALL_START = "<tool_call>"
 
 
 def partial_tag_len(text: str, tag: str) -> int:
@@ -36,33 +41,27 @@ def partial_tag_len(text: str, tag: str) -> int:
 
 
 class Qwen3ReasoningParser:
-    """The `qwen3` reasoning parser for one request; `prompt_opened_think` says whether the prompt ends in `<think>`."""
+    """The `qwen3` reasoning parser for one request; `prompt_opened_think` says whether the prompt ends in `<think>`,
+    `tool_calls` whether a `<tool_call>` may end the reasoning."""
 
-    def __init__(self, prompt_opened_think: bool) -> None:
+    def __init__(self, prompt_opened_think: bool, tool_calls: bool = False) -> None:
         self.prompt_opened_think = prompt_opened_think
+        self.tool_calls = tool_calls
 
     @classmethod
-    def from_prompt(cls, prompt: str) -> Qwen3ReasoningParser:
+    def from_prompt(cls, prompt: str, tool_calls: bool = False) -> Qwen3ReasoningParser:
         """Parser for a rendered chat prompt: the Thinking template's generation prompt ends in `<think>\\n`."""
-        return cls(prompt_opened_think=prompt.rstrip().endswith(THINK_START))
+        return cls(prompt_opened_think=prompt.rstrip().endswith(THINK_START), tool_calls=tool_calls)
 
     def parse(self, text: str) -> tuple[str | None, str | None]:
         """(reasoning, content) of a whole output; either is None when empty."""
-        head = text.lstrip()
-        if head.startswith(THINK_START):
-            body = head[len(THINK_START) :]
-        elif self.prompt_opened_think:
-            body = text
-        else:
-            return None, text or None
-        reasoning, closed, content = body.partition(THINK_END)
-        reasoning = reasoning.strip("\n") or None
-        if not closed:
-            return reasoning, None
-        return reasoning, content.lstrip("\n") or None
+        stream = self.stream()
+        r1, c1 = stream.feed(text)
+        r2, c2 = stream.finish()
+        return (r1 + r2) or None, (c1 + c2) or None
 
     def stream(self) -> Qwen3ReasoningStream:
-        return Qwen3ReasoningStream(self.prompt_opened_think)
+        return Qwen3ReasoningStream(self.prompt_opened_think, self.tool_calls)
 
 
 class _Phase(Enum):
@@ -74,13 +73,16 @@ class _Phase(Enum):
 class Qwen3ReasoningStream:
     """Incremental `qwen3` parsing of one output: `feed` each text delta, then `finish` once."""
 
-    def __init__(self, prompt_opened_think: bool) -> None:
+    def __init__(self, prompt_opened_think: bool, tool_calls: bool = False) -> None:
         self._prompt_opened_think = prompt_opened_think
+        # Tags that end the reasoning; the first one found wins.
+        self._ends = (THINK_END, TOOL_CALL_START) if tool_calls else (THINK_END,)
         self._phase = _Phase.START
         self._pending = ""  # received text the current phase has not consumed (a possible partial tag)
         self._reasoning_started = False  # leading newlines of the reasoning are dropped until it starts
         self._held_newlines = ""  # trailing newlines of the reasoning: dropped if `</think>` or the end follows
         self._trim_content = False  # content that follows `</think>` loses its leading newlines
+        self._late_end = False  # the reasoning ended at a <tool_call>: drop the first `</think>` of the content
         self._finished = False
 
     def feed(self, delta: str) -> tuple[str, str]:
@@ -111,20 +113,37 @@ class Qwen3ReasoningStream:
                 else:
                     self._phase = _Phase.REASONING if self._prompt_opened_think else _Phase.CONTENT
             elif self._phase is _Phase.REASONING:
-                end = self._pending.find(THINK_END)
-                if end >= 0:
-                    reasoning.append(self._reasoning_text(self._pending[:end]))
+                found = [(at, tag) for tag in self._ends if (at := self._pending.find(tag)) >= 0]
+                if found:
+                    end, tag = min(found)
+                    reasoning.append(self._reasoning_text(self._pending[:end].replace(THINK_START, "")))
                     self._held_newlines = ""
-                    self._pending = self._pending[end + len(THINK_END) :]
                     self._phase = _Phase.CONTENT
-                    self._trim_content = True
+                    if tag == THINK_END:
+                        self._pending = self._pending[end + len(THINK_END) :]
+                        self._trim_content = True
+                    else:
+                        self._pending = self._pending[end:]  # the <tool_call> is content
+                        self._late_end = True
                     continue
-                keep = 0 if final else partial_tag_len(self._pending, THINK_END)
-                reasoning.append(self._reasoning_text(self._pending[: len(self._pending) - keep]))
+                # A partial tag waits; a whole <think> inside the reasoning is dropped.
+                keep = 0 if final else max(partial_tag_len(self._pending, t) for t in (THINK_START, *self._ends))
+                done = self._pending[: len(self._pending) - keep]
+                reasoning.append(self._reasoning_text(done.replace(THINK_START, "")))
                 self._pending = self._pending[len(self._pending) - keep :]
                 break
             else:
-                text, self._pending = self._pending, ""
+                text = self._pending
+                if self._late_end:
+                    at = text.find(THINK_END)
+                    if at >= 0:
+                        text = text[:at] + text[at + len(THINK_END) :]
+                        self._late_end = False
+                    elif not final and (keep := partial_tag_len(text, THINK_END)):
+                        text, self._pending = text[:-keep], text[-keep:]
+                        content.append(text)
+                        break
+                self._pending = ""
                 if self._trim_content:
                     text = text.lstrip("\n")
                     self._trim_content = not text  # trim until the first other character

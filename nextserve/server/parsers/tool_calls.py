@@ -6,17 +6,23 @@ usually after some plain content and separated by "\\n". A block is a tool call 
 one, or missing (taken as {}); other keys are ignored, duplicate keys anywhere make the block malformed.
 `ToolCall.arguments` is `json.dumps(arguments, ensure_ascii=False)`, so equal JSON gives equal strings.
 
+A block ends at `</tool_call>` after its JSON, and also, when the model forgot the end tag, at the end of the output
+(a stop string such as "</tool_call>" removes it, max_tokens can cut it) or at the next `<tool_call>`: a complete
+JSON object followed only by whitespace (and a partial end tag) is still a call.
+
 Content: the text outside blocks. Whitespace right before a block is dropped; a segment after a block is dropped
-when it is only whitespace and kept verbatim otherwise. Output with no block is content verbatim. If any block is
-malformed (invalid JSON, not a valid call, not closed) the whole output is content and there are no tool calls.
+when it is only whitespace and kept verbatim otherwise. Output with no block is content verbatim. A malformed block
+(invalid JSON, not a valid call, text after its JSON) is content, verbatim, from its `<tool_call>` through the first
+`</tool_call>` after it (or the end of the output); the blocks around it are still parsed, so one bad block does not
+lose the good ones.
 
 `QwenToolCallStream` takes content deltas and returns events: `ContentDelta`, then per call index a
 `ToolCallStart` (id and name, sent once `"arguments": {` is seen) followed by `ToolCallArgsDelta`s. Argument text is
 re-serialised as it arrives (`_JsonNormalizer`), so the deltas of a call concatenate to exactly the `arguments` that
 `parse` returns. Blocks in another shape (keys in another order, arguments as a string) are held until they close
-and then sent whole. For well-formed output the stream and `parse` agree exactly. A malformed block is released as
-content, verbatim, and everything after it is content; a start (and argument deltas) already sent for it cannot
-be taken back, so only `QwenToolCallStream.tool_calls` (completed calls) should decide the finish reason.
+and then sent whole. `QwenToolCallParser.parse` is the stream fed the whole output, so the two always agree on
+content and calls. A block found malformed after its start (and argument deltas) went out cannot take them back; its
+index is then skipped, and only `QwenToolCallStream.tool_calls` (completed calls) should decide the finish reason.
 """
 
 from __future__ import annotations
@@ -99,21 +105,27 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def _close_block(text: str, start: int) -> tuple[Any, int] | None:
-    """Decode the block body at text[start:]: (JSON value, index after `</tool_call>`) once it is closed.
+def _close_block(text: str, start: int, at_end: bool = False) -> tuple[Any, int] | None:
+    """Decode the block body at text[start:]: (JSON value, index where the block ends) once it is closed.
 
-    None while it may still close (incomplete, or broken JSON that only the end of output settles);
-    raises _MalformedBlock when it can no longer close.
+    Closed by `</tool_call>` (the end is after it), by a following `<tool_call>` (the end is before it), or, with
+    `at_end` (the output is over), by the end of the text after a partial end tag at most. None while it may still
+    close; raises _MalformedBlock when it can no longer close.
     """
     try:
         value, end = _DECODER.raw_decode(text, _skip_ws(text, start))
     except ValueError:
+        if at_end:
+            raise _MalformedBlock("the output ended inside a tool call") from None
         return None
     end = _skip_ws(text, end)
-    if text.startswith(TOOL_CALL_END, end):
+    rest = text[end:]
+    if rest.startswith(TOOL_CALL_END):
         return value, end + len(TOOL_CALL_END)
-    if TOOL_CALL_END.startswith(text[end:]):
-        return None  # "" or a partial end tag
+    if rest.startswith(TOOL_CALL_START):
+        return value, end
+    if TOOL_CALL_END.startswith(rest) or TOOL_CALL_START.startswith(rest):
+        return (value, len(text)) if at_end else None  # "" or a partial tag
     raise _MalformedBlock("text after the JSON of a tool call")
 
 
@@ -134,25 +146,10 @@ class QwenToolCallParser:
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(content, tool calls) of a whole output; content is None when empty."""
-        segments: list[str] = []
-        calls: list[ToolCall] = []
-        pos = 0
-        while (start := text.find(TOOL_CALL_START, pos)) >= 0:
-            try:
-                closed = _close_block(text, start + len(TOOL_CALL_START))
-                if closed is None:
-                    return text or None, []
-                name, arguments = _call_fields(closed[0])
-            except ValueError:
-                return text or None, []
-            segments.append(text[pos:start])
-            calls.append(ToolCall(new_tool_call_id(), name, arguments))
-            pos = closed[1]
-        if not calls:
-            return text or None, []
-        last = text[pos:]
-        content = "".join(s.rstrip() for s in segments) + (last if last.strip() else "")
-        return content or None, calls
+        stream = self.stream()
+        events = stream.feed(text) + stream.finish()
+        content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+        return content or None, stream.tool_calls
 
     def stream(self) -> QwenToolCallStream:
         return QwenToolCallStream()
@@ -305,7 +302,7 @@ class _Phase(Enum):
     HEADER = "header"  # inside a block, before the arguments object (or holding a block of another shape)
     ARGS = "args"  # streaming the arguments object
     TAIL = "tail"  # after the arguments object, waiting for `</tool_call>`
-    PLAIN = "plain"  # a block was malformed: everything from there on is content
+    MALFORMED = "malformed"  # inside a malformed block: content until the first `</tool_call>`
 
 
 class QwenToolCallStream:
@@ -324,6 +321,7 @@ class QwenToolCallStream:
         self._block = ""  # raw text after `<tool_call>`
         self._block_ws = ""  # whitespace before `<tool_call>`: content again if the block is malformed
         self._args: _JsonNormalizer | None = None
+        self._check: _JsonNormalizer | None = None  # validates a block of another shape as it arrives
         self._sent_args: list[str] = []
         self._call_id = ""
         self._call_name = ""
@@ -350,11 +348,12 @@ class QwenToolCallStream:
 
     def _advance(self, final: bool) -> list[StreamEvent]:
         while True:
-            if self._phase is _Phase.PLAIN:
-                self._emit_content(self._pending)
-                self._pending = ""
-                break
-            step = self._content_step if self._phase is _Phase.CONTENT else self._block_step
+            if self._phase is _Phase.CONTENT:
+                step = self._content_step
+            elif self._phase is _Phase.MALFORMED:
+                step = self._malformed_step
+            else:
+                step = self._block_step
             if not step(final):
                 break
         events, self._events = self._events, []
@@ -372,7 +371,7 @@ class QwenToolCallStream:
         self._content(self._pending[:start])
         self._block_ws, self._held_ws = self._held_ws, ""
         self._pending = self._pending[start + len(TOOL_CALL_START) :]
-        self._block, self._args, self._sent_args = "", None, []
+        self._block, self._args, self._check, self._sent_args = "", None, _JsonNormalizer(), []
         self._phase = _Phase.HEADER
         return True
 
@@ -390,18 +389,42 @@ class QwenToolCallStream:
                 self._feed_args(self._block[header.end() :])
             elif self._phase is _Phase.ARGS:
                 self._feed_args(new)
+            elif self._phase is _Phase.HEADER and self._check is not None and not self._check.done:
+                self._check.feed(new)  # ValueError as soon as the JSON cannot become valid
             if self._phase in (_Phase.HEADER, _Phase.TAIL):
-                closed = _close_block(self._block, 0)
+                closed = _close_block(self._block, 0, at_end=final)
                 if closed is not None:
                     self._end_call(*closed)
                     return True
         except ValueError:
-            self._release_block()
+            self._start_malformed()
             return True
         if final:
-            self._release_block()
+            self._start_malformed()
             return True
         return False
+
+    def _start_malformed(self) -> None:
+        """The block is content, through the first `</tool_call>` after its `<tool_call>`."""
+        self._emit_content(self._block_ws + TOOL_CALL_START)
+        self._pending = self._block + self._pending
+        self._block = self._block_ws = ""
+        self._segment_has_text = True
+        self._phase = _Phase.MALFORMED
+
+    def _malformed_step(self, final: bool) -> bool:
+        end = self._pending.find(TOOL_CALL_END)
+        if end < 0:
+            keep = 0 if final else partial_tag_len(self._pending, TOOL_CALL_END)
+            self._emit_content(self._pending[: len(self._pending) - keep])
+            self._pending = self._pending[len(self._pending) - keep :]
+            return False
+        end += len(TOOL_CALL_END)
+        self._emit_content(self._pending[:end])
+        self._pending = self._pending[end:]
+        self._after_block, self._held_ws = False, ""
+        self._phase = _Phase.CONTENT
+        return True
 
     def _feed_args(self, text: str) -> None:
         assert self._args is not None
@@ -428,11 +451,6 @@ class QwenToolCallStream:
         self._pending = self._block[end:]
         self._after_block, self._segment_has_text = True, False
         self._phase = _Phase.CONTENT
-
-    def _release_block(self) -> None:
-        self._emit_content(self._block_ws + TOOL_CALL_START + self._block + self._pending)
-        self._pending = ""
-        self._phase = _Phase.PLAIN
 
     def _content(self, text: str) -> None:
         """Content outside blocks, holding back trailing whitespace (dropped if a block follows)."""
