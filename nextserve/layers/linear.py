@@ -1,60 +1,34 @@
 """Bias-free linear layers that know how to take their tensor-parallel shard of a checkpoint tensor.
 
-A `Linear` holds only its local shard. `shard_fn` maps the full checkpoint tensor to that shard (identity at
-TP=1); the loader calls `load_full(tensor)`. Column-parallel layers split output rows, row-parallel ones split
-input columns and all-reduce their output through the communicator when `reduce` is set.
+A `Linear` holds only its local shard. `shard_fn` (layers/shard.py) maps the full checkpoint tensor to that shard
+(identity at TP=1); the loader calls `load_param(param, tensor, name)`. Column-parallel layers split output rows,
+row-parallel ones split input columns and all-reduce their output through the communicator when `comm` is set.
 
 With `fp8_block` the weight is float8_e4m3fn with its fp32 block scales beside it as `weight_scale_inv` (the
 checkpoints' name), and the product runs through `ops.fp8.linear` (activations quantised per token per block).
+The scales are sharded with the weight, block for block; a shard boundary inside a block is refused at build time.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nextserve.layers.shard import ShardFn, Split, replicated
 from nextserve.loader.fp8 import FP8_DTYPE, scale_shape
 from nextserve.ops import fp8 as fp8_ops
 from nextserve.parallel import Communicator, ParallelContext
-
-ShardFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def split_parts(ctx: ParallelContext, dim: int, parts: Sequence[int] | None = None) -> ShardFn:
-    """Shard along `dim`: the tensor is cut into `parts` (sizes along dim; one part if None) and this rank takes
-    its 1/size of each part, concatenated (for fused layouts such as conv channels [q | k | v])."""
-
-    def fn(t: torch.Tensor) -> torch.Tensor:
-        if ctx.size == 1:
-            return t
-        pieces = t.split(list(parts), dim) if parts else (t,)
-        out = []
-        for p in pieces:
-            if p.shape[dim] % ctx.size:
-                raise ValueError(f"cannot split size {p.shape[dim]} across {ctx.size} ranks")
-            out.append(p.chunk(ctx.size, dim)[ctx.rank])
-        return torch.cat(out, dim)
-
-    return fn
-
-
-def replicated(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def load_param(param: nn.Parameter, full: torch.Tensor, name: str) -> None:
     """Copies the rank's shard of `full` into `param`, checking the shape (errors name the tensor)."""
     shard_fn: ShardFn = getattr(param, "shard_fn", replicated)
-    local = shard_fn(full)
-    if local.shape != param.shape:
-        raise ValueError(
-            f"tensor {name!r} has shape {tuple(full.shape)}; the model expects {tuple(param.shape)}"
-            + ("" if local is full else " for this rank's shard")
-        )
-    param.data.copy_(local)
+    expected = shard_fn.full_shape(param.shape)
+    if tuple(full.shape) != expected:
+        sharded = "" if shard_fn is replicated else f" (this rank holds {tuple(param.shape)} of it)"
+        raise ValueError(f"tensor {name!r} has shape {tuple(full.shape)}; the model expects {expected}{sharded}")
+    param.data.copy_(shard_fn(full))
 
 
 class Linear(nn.Module):
@@ -76,7 +50,9 @@ class Linear(nn.Module):
         if fp8_block:
             scales = scale_shape((out_features, in_features), fp8_block)
             self.weight_scale_inv = nn.Parameter(torch.empty(scales, dtype=torch.float32), requires_grad=False)
-            self.weight_scale_inv.shard_fn = _fp8_shard_fn(shard_fn)
+            # The scales are cut where the weight is, in blocks: a cut inside a block is an error here, at build time.
+            dim = getattr(shard_fn, "dim", 0)
+            self.weight_scale_inv.shard_fn = shard_fn.for_blocks(fp8_block[dim])
             self.weight_scale_inv.fp8_block = fp8_block
         # Set only on row-parallel layers whose output is a partial sum.
         self.comm = comm
@@ -89,24 +65,9 @@ class Linear(nn.Module):
         return self.comm.all_reduce(y) if self.comm is not None else y
 
 
-def _fp8_shard_fn(shard_fn: ShardFn) -> ShardFn:
-    """The scales' shard function: tensor parallelism over FP8 weights is not wired yet, so a weight whose shard
-    function cuts anything (TP > 1) is refused with a clear error; unsharded, the scales load whole."""
-    if shard_fn is replicated:
-        return replicated
-
-    def fn(t: torch.Tensor) -> torch.Tensor:
-        probe = shard_fn(t)
-        if probe is t or probe.shape == t.shape:
-            return t
-        raise ValueError("FP8 weights cannot be sharded across tensor-parallel ranks yet")
-
-    return fn
-
-
 def column_parallel(ctx: ParallelContext, in_f: int, out_f: int, parts=None, dtype=None, fp8_block=None) -> Linear:
-    """Output rows split across ranks. `out_f` is the full size."""
-    shard = split_parts(ctx, 0, parts)
+    """Output rows split across ranks. `out_f` is the full size; `parts` (summing to it) are split one by one."""
+    shard = Split(ctx, 0, tuple(parts or (out_f,)))
     return Linear(in_f, ctx.split(out_f, "output features"), shard_fn=shard, dtype=dtype, fp8_block=fp8_block)
 
 
@@ -116,4 +77,4 @@ def row_parallel(
     """Input columns split across ranks; the output is all-reduced through `comm` (None: caller reduces)."""
     reduce = comm if (comm is not None and ctx.size > 1) else None
     in_local = ctx.split(in_f, "input features")
-    return Linear(in_local, out_f, shard_fn=split_parts(ctx, 1), comm=reduce, dtype=dtype, fp8_block=fp8_block)
+    return Linear(in_local, out_f, shard_fn=Split(ctx, 1, (in_f,)), comm=reduce, dtype=dtype, fp8_block=fp8_block)

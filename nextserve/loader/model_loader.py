@@ -1,5 +1,23 @@
 """Builds a Qwen3NextForCausalLM on a device and fills it from a checkpoint directory; loads the tokenizer and
-the generation defaults that sit beside the weights."""
+the generation defaults that sit beside the weights.
+
+Tensor parallelism: rank r of n builds and fills only its shard. In each worker process (one per rank):
+
+    from nextserve.parallel import ParallelConfig, init_distributed
+    from nextserve.models.sharding import check_tp_size
+
+    check_tp_size(model_config, n, quant)             # cheap; once, before starting workers: clear size errors
+    ctx, comm = init_distributed(ParallelConfig(tp_size=n, nnodes=..., node_rank=..., dist_init_addr=...),
+                                 local_rank, device)  # device: "cuda" -> cuda:<local_rank>; "cpu" -> gloo
+    model = load_model(model_dir, model_config, dtype=..., device=..., ctx=ctx, comm=comm, quant=quant)
+    # or build_dummy_model(model_config, dtype, device, with_mtp, quant, seed=seed, ctx=ctx, comm=comm)
+
+Every rank must then run the same forward calls in the same order (each decoder layer all-reduces twice, the
+embedding once, `compute_logits` all-gathers): broadcast the step's inputs from one rank. `compute_logits` returns
+the full-vocabulary logits on every rank. The layers' cache shapes are per rank (`attn.num_kv_heads`, `gdn.hv`,
+`gdn.conv1d.weight.shape[0]`), so pools sized from them hold only the rank's share. Without ctx/comm the model
+is TP1, as before.
+"""
 
 from __future__ import annotations
 
@@ -84,13 +102,16 @@ def build_dummy_model(
     with_mtp: bool | None,
     quant: Fp8Config | None,
     seed: int = 0,
+    ctx: ParallelContext | None = None,
+    comm: Communicator | None = None,
 ) -> Qwen3NextForCausalLM:
     """`--load-format dummy`: the model built on the device and filled with random weights of realistic scales
-    (FP8 ones quantised from them), nothing read from disk."""
+    (FP8 ones quantised from them), nothing read from disk. With ctx/comm, rank ctx.rank's shard of the TP1
+    dummy model of the same seed."""
     from nextserve.loader.dummy import init_dummy_weights
 
     with torch.device(device):
-        model = Qwen3NextForCausalLM(config, dtype=dtype, with_mtp=with_mtp, quant=quant)
+        model = Qwen3NextForCausalLM(config, dtype=dtype, ctx=ctx, comm=comm, with_mtp=with_mtp, quant=quant)
     init_dummy_weights(model, seed=seed)
     return model.eval()
 

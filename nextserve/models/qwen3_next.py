@@ -8,6 +8,9 @@ the engine binds them once, before the first step (`bind_caches`).
 Block-FP8 weights (an FP8 checkpoint, `--quantization fp8`): `quant` says per module name (`prefix`) which
 linears and routed experts hold float8_e4m3fn weights with their block scales (`layers/quant.py`).
 
+Tensor parallelism: built with (ctx, comm), each layer holds rank ctx.rank's shard (the plan: models/sharding.py)
+and talks to the other ranks only through `comm`; cache views are bound at per-rank shapes.
+
 Legend: T tokens in the step, H hidden size, Hq/Hkv attention heads, D head dim, Hk/Hv linear key/value heads,
 dk/dv their head dims, r = Hv/Hk, E experts, I expert intermediate size. Sizes named *_local are per TP rank.
 """
@@ -21,11 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextserve.forward_batch import ForwardBatch
-from nextserve.layers.linear import Linear, column_parallel, replicated, row_parallel, split_parts
+from nextserve.layers.linear import Linear, column_parallel, row_parallel
 from nextserve.layers.quant import Fp8Config, fp8_block, fp8_blocks
 from nextserve.layers.rotary import RotaryEmbedding, apply_rotary
+from nextserve.layers.shard import Split, Take, replicated
+from nextserve.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from nextserve.loader.fp8 import FP8_DTYPE, scale_shape
 from nextserve.model_config import ModelConfig
+from nextserve.models.sharding import check_tp_size
 from nextserve.ops.attention import paged_attention
 from nextserve.ops.conv1d import causal_conv1d
 from nextserve.ops.gdn import gated_delta_rule, gdn_gates
@@ -64,9 +70,15 @@ class Qwen3NextAttention(nn.Module):
         D = self.head_dim = cfg.head_dim
         self.num_heads = ctx.split(cfg.num_attention_heads, "num_attention_heads")
         kv = cfg.num_key_value_heads
-        # With more ranks than KV heads each rank keeps the one KV head its query heads read.
+        # With more ranks than KV heads each rank keeps the one KV head its query heads read (rank r's query heads
+        # are r Hq/n.. of Hq, and KV head h serves query heads h Hq/Hkv..: h = r // (n / Hkv)); ranks sharing a
+        # head hold the same rows.
         self.num_kv_heads = max(1, kv // ctx.size)
-        kv_shard = split_parts(ctx, 0) if ctx.size <= kv else _kv_head_of_rank(ctx, kv, D)
+        if ctx.size <= kv:
+            kv_shard = Split(ctx, 0, (kv * D,))
+        else:
+            h = ctx.rank * kv // ctx.size
+            kv_shard = Take(0, h * D, (h + 1) * D, kv * D)
         # q_proj rows are [query(D) | gate(D)] per head, so a contiguous row split keeps heads whole.
         H, Hq = cfg.hidden_size, cfg.num_attention_heads
         self.q_proj = column_parallel(ctx, H, Hq * D * 2, dtype=dtype, fp8_block=fp8("q_proj"))
@@ -88,14 +100,6 @@ class Qwen3NextAttention(nn.Module):
         v = self.v_proj(x).view(T, self.num_kv_heads, D)
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale)  # [T, Hq, D]
         return self.o_proj((o * torch.sigmoid(gate)).reshape(T, -1))  # gate is a strided view: no reshape copy
-
-
-def _kv_head_of_rank(ctx: ParallelContext, kv_heads: int, head_dim: int):
-    def fn(t: torch.Tensor) -> torch.Tensor:
-        h = ctx.rank * kv_heads // ctx.size
-        return t[h * head_dim : (h + 1) * head_dim]
-
-    return fn
 
 
 class Qwen3NextGatedDeltaNet(nn.Module):
@@ -123,11 +127,11 @@ class Qwen3NextGatedDeltaNet(nn.Module):
             1,
             cfg.linear_conv_kernel_dim,
             dtype=dtype,
-            shard_fn=split_parts(ctx, 0, [kd, kd, vd]),
+            shard_fn=Split(ctx, 0, (kd, kd, vd)),
         )
         self.conv1d = conv
-        self.A_log = _param(self.hv, dtype=dtype, shard_fn=split_parts(ctx, 0))
-        self.dt_bias = _param(self.hv, dtype=dtype, shard_fn=split_parts(ctx, 0))
+        self.A_log = _param(self.hv, dtype=dtype, shard_fn=Split(ctx, 0, (cfg.linear_num_value_heads,)))
+        self.dt_bias = _param(self.hv, dtype=dtype, shard_fn=Split(ctx, 0, (cfg.linear_num_value_heads,)))
         norm = nn.Module()
         norm.weight = _param(self.dv, dtype=dtype)
         self.norm = norm
@@ -187,17 +191,18 @@ class Qwen3NextExperts(nn.Module):
         i_local = ctx.split(I, "moe_intermediate_size")
         self.block = block
         wdtype = FP8_DTYPE if block else dtype
-        self.gate_up_proj = _param(E, 2 * i_local, H, dtype=wdtype, shard_fn=split_parts(ctx, 1, [I, I]))
-        self.down_proj = _param(E, H, i_local, dtype=wdtype, shard_fn=split_parts(ctx, 2))
+        self.gate_up_proj = _param(E, 2 * i_local, H, dtype=wdtype, shard_fn=Split(ctx, 1, (I, I)))
+        self.down_proj = _param(E, H, i_local, dtype=wdtype, shard_fn=Split(ctx, 2, (I,)))
         # Shapes of one expert's checkpoint tensors, before sharding (the loader checks them).
         self.gate_up_proj.expert_shape = (I, H)
         self.down_proj.expert_shape = (H, I)
         if block:
-            if ctx.size > 1:
-                raise ValueError("FP8 experts cannot be sharded across tensor-parallel ranks yet")
+            # Scales cut where the weights are, in whole blocks (an error here when I / n is not whole blocks).
+            gu_shard = self.gate_up_proj.shard_fn.for_blocks(block[0])
+            dn_shard = self.down_proj.shard_fn.for_blocks(block[1])
             gu, dn = scale_shape((i_local, H), block), scale_shape((H, i_local), block)
-            self.gate_up_proj_scale_inv = _param(E, 2 * gu[0], gu[1], dtype=torch.float32)
-            self.down_proj_scale_inv = _param(E, *dn, dtype=torch.float32)
+            self.gate_up_proj_scale_inv = _param(E, 2 * gu[0], gu[1], dtype=torch.float32, shard_fn=gu_shard)
+            self.down_proj_scale_inv = _param(E, *dn, dtype=torch.float32, shard_fn=dn_shard)
             self.gate_up_proj_scale_inv.fp8_block = self.down_proj_scale_inv.fp8_block = block
 
     def fp8_args(self) -> dict:
@@ -292,8 +297,7 @@ class Qwen3NextDecoderLayer(nn.Module):
 class Qwen3NextModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx, comm, dtype: torch.dtype, quant: Fp8Config | None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx, comm, dtype)
         self.layers = nn.ModuleList(
             Qwen3NextDecoderLayer(cfg, t, cfg.is_moe_layer(i), ctx, comm, dtype, quant, f"model.layers.{i}")
             for i, t in enumerate(cfg.layer_types)
@@ -345,9 +349,13 @@ class Qwen3NextForCausalLM(nn.Module):
         super().__init__()
         ctx = ctx or ParallelContext()
         comm = comm or Communicator(ctx)
-        self.config, self.dtype, self.quant = cfg, dtype, quant
+        if comm.ctx != ctx:
+            raise ValueError(f"the communicator is for {comm.ctx}, the model for {ctx}")
+        check_tp_size(cfg, ctx.size, quant)
+        self.config, self.dtype, self.quant, self.ctx = cfg, dtype, quant, ctx
         self.model = Qwen3NextModel(cfg, ctx, comm, dtype, quant)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        # Full-vocabulary logits on every rank (all-gathered).
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, ctx, comm, dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if with_mtp is None:
@@ -358,6 +366,7 @@ class Qwen3NextForCausalLM(nn.Module):
         return self.model(input_ids, batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[R, H] -> [R, V]: the full vocabulary on every rank (a collective: every rank must call it)."""
         return self.lm_head(hidden)
 
     def mtp_forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
