@@ -1,4 +1,4 @@
-# `make serve` starts the server on the built-in model; `make test` runs the CPU test suite.
+# `make serve` starts the server on the built-in model (`make serve ARGS="--port 8001"` passes flags); `make test` runs the CPU test suite.
 # Both create .venv on first use and install everything from this repository's own files.
 PY ?= python3
 VENV := .venv
@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 serve: venv
-	$(BIN)/nextserve serve
+	$(BIN)/nextserve serve $(ARGS)
 
 generate: venv
 	$(BIN)/nextserve generate --prompt "ROMEO:" --max-tokens 32
