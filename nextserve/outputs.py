@@ -44,3 +44,6 @@ class RequestOutput:
     finished: bool = False
     # Prompt tokens served from the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens).
     num_cached_tokens: int = 0
+    # None unless SamplingParams.prompt_logprobs was set; then one entry per prompt token, None for the first
+    # (nothing predicts it). Complete once the prompt is prefilled.
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -36,7 +36,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
     seed: int | None = None
-    # None: generate until EOS, a stop condition or the model's context length.
+    # None: generate until EOS, a stop condition or the model's context length. 0: generate nothing (with
+    # prompt_logprobs: score the prompt only, lm-evaluation-harness' loglikelihood requests).
     max_tokens: int | None = 16
     min_tokens: int = 0
     stop: str | list[str] | None = None
@@ -44,6 +45,8 @@ class SamplingParams:
     ignore_eos: bool = False
     # Number of top alternatives to return besides the sampled token; 0 returns only the sampled token's.
     logprobs: int | None = None
+    # Log-probability of every prompt token after the first (vLLM's field), with this many top alternatives.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -76,14 +79,18 @@ class SamplingParams:
             fail(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             fail(f"seed must be an integer, got {self.seed!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            fail(f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            fail(f"max_tokens must be an integer >= 0 or None, got {self.max_tokens!r}")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             fail(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             fail(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             fail(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            fail(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 fail(f"stop strings must be non-empty strings, got {s!r}")

@@ -94,8 +94,12 @@ class CacheManager:
         """The longest cached prefix seq can resume from (read-only). At least one token is left to compute: its
         logits give the next token."""
         if self.tree is None:
-            return Match(None, [], 0, None)
+            return self.no_match()
         return self.tree.match(seq.token_ids, len(seq.token_ids) - 1)
+
+    def no_match(self) -> Match:
+        """Start from scratch (nothing locked, nothing reused)."""
+        return Match(None, [], 0, None)
 
     def _pages_to_admit(self, match: Match, num_tokens: int) -> int:
         return self.pages_for(num_tokens) - len(match.pages)

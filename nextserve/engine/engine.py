@@ -51,6 +51,9 @@ from nextserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# Prompt log-probabilities are computed this many positions at a time ([rows, vocab] fp32 logits each).
+PROMPT_LOGPROBS_ROWS = 256
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -82,12 +85,26 @@ class LaunchedStep:
     plain_tokens: torch.Tensor | None  # [len(plain)] int64, on the device
     starts: dict[int, tuple[int, int]]  # seq_id -> (first position, first hidden row) computed this step
     t_start: float
+    prompt_scores: list[tuple[Sequence, PromptScores]]
+
+
+@dataclass
+class PromptScores:
+    """Prompt log-probabilities computed in a step, on the device: tokens first+1 .. first+len, scored by the
+    logits at positions first .. first+len-1."""
+
+    first: int
+    token_logprobs: torch.Tensor  # [n]
+    top_ids: torch.Tensor | None  # [n, k]
+    top_logprobs: torch.Tensor | None
 
 
 class Engine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         cfg = self.config = config or EngineConfig.from_kwargs(**kwargs)
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            _choose_cpu_threads()
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.backends = backends.select(self.device, allow_reference=cfg.allow_reference_kernels)
         model_dir = Path(cfg.model) if cfg.model else _default_model_dir()
@@ -255,6 +272,8 @@ class Engine:
                 include_stop_str_in_output=resolved.include_stop_str_in_output,
             )
             seq = Sequence(next(self._seq_ids), req, i, list(ids), len(ids), gen, detok)
+            if i == 0 and params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [None]
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -303,6 +322,7 @@ class Engine:
         for s in sampling:
             offsets.append(r)
             r += s.num_tokens if s.draft else 1
+        prompt_scores = self._score_prompts(scheduled, hidden, starts)
         plain = [i for i, s in enumerate(sampling) if not s.draft]
         plain_logits = plain_tokens = None
         if plain:
@@ -322,7 +342,36 @@ class Engine:
             plain_tokens,
             starts,
             t_start,
+            prompt_scores,
         )
+
+    def _score_prompts(self, scheduled, hidden: torch.Tensor, starts) -> list[tuple[Sequence, PromptScores]]:
+        """Log-probabilities of the prompt tokens this step's chunks predict, for sequences that asked (on the
+        device; the process half reads them). Position p's logits score prompt token p + 1."""
+        out = []
+        for s in scheduled:
+            seq = s.seq
+            if not seq.wants_prompt_logprobs:
+                continue
+            first, row = starts[seq.seq_id]
+            lo = max(first, len(seq.prompt_logprobs) - 1)  # positions scored before a preemption are kept
+            hi = min(first + s.num_tokens, seq.num_prompt - 1)
+            if lo >= hi:
+                continue
+            k = seq.params.prompt_logprobs
+            targets = torch.tensor(seq.token_ids[lo + 1 : hi + 1], device=self.device)
+            token_lp, top_ids, top_lp = [], [], []
+            for a in range(lo, hi, PROMPT_LOGPROBS_ROWS):  # bounded [rows, vocab] fp32 at a time
+                b = min(a + PROMPT_LOGPROBS_ROWS, hi)
+                lp = torch.log_softmax(self.model.compute_logits(hidden[row + a - first : row + b - first]).float(), -1)
+                token_lp.append(lp.gather(1, targets[a - lo : b - lo, None])[:, 0])
+                if k:
+                    top = torch.topk(lp, k, dim=-1)
+                    top_ids.append(top.indices)
+                    top_lp.append(top.values)
+            cat = torch.cat
+            out.append((seq, PromptScores(lo, cat(token_lp), cat(top_ids) if k else None, cat(top_lp) if k else None)))
+        return out
 
     def _process(self, step: LaunchedStep) -> list[RequestOutput]:
         """Reads the step's results, commits them, and returns the outputs of the requests that progressed."""
@@ -340,7 +389,17 @@ class Engine:
             accepted = self.spec.accept([s for _, s in verify], groups, scheduled, step.scratch)
             for (_, s), group, tokens in zip(verify, groups, accepted):
                 appended.append((s.seq, tokens, group[: len(tokens)]))
+        for seq, scores in step.prompt_scores:
+            ids = seq.token_ids[scores.first + 1 : scores.first + 1 + len(scores.token_logprobs)]
+            lps = scores.token_logprobs.tolist()
+            top_ids = scores.top_ids.tolist() if scores.top_ids is not None else [[]] * len(lps)
+            top_lp = scores.top_logprobs.tolist() if scores.top_logprobs is not None else [[]] * len(lps)
+            for tok, lp, ti, tl in zip(ids, lps, top_ids, top_lp):
+                seq.prompt_logprobs.append(TokenLogprob(tok, lp, list(zip(ti, tl))))
         for seq, tokens, rows_logits in appended:
+            if seq.request.max_tokens == 0:  # score the prompt only: the sampled token is not part of the output
+                self._finish(seq, "length", None)
+                continue
             self._append_tokens(seq, tokens, rows_logits)
         t_target = time.perf_counter() - step.t_start
         if self.spec is not None:
@@ -454,6 +513,19 @@ class Engine:
         for i, (d, a) in enumerate(zip(st.drafted_at, st.accepted_at)):
             out[f"spec_acceptance_rate_pos{i}"] = a / d if d else 0.0
         return out
+
+
+def _choose_cpu_threads() -> None:
+    """On a CPU, torch's default (a thread per core) competes with the server's own threads and with anything else on
+    the machine: on two busy cores it made `bench offline` 40x slower than one thread. Leave one core to the rest of
+    the process; OMP_NUM_THREADS, when set, decides instead."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, min(cores - 1, torch.get_num_threads()))
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        logger.info("CPU: %d compute thread(s) of %d cores (set OMP_NUM_THREADS to choose)", threads, cores)
 
 
 def _default_model_dir() -> Path:

@@ -57,6 +57,13 @@ class Sequence:
     # Speculative decoding: draft tokens to verify next step, and their draft distributions (sampled rows).
     draft: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None
+    # Prompt log-probabilities (the request's first sequence only, when asked): entry i scores prompt token i.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt positions still to score: this sequence must compute them, not take them from the prefix cache."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt
 
     @property
     def params(self) -> SamplingParams:
@@ -109,4 +116,5 @@ class Request:
             outputs=[s.completion() for s in self.seqs],
             finished=self.finished,
             num_cached_tokens=(self.seqs[0].num_cached_at_admission or 0) if self.seqs else 0,
+            prompt_logprobs=list(self.seqs[0].prompt_logprobs) if self.seqs[0].prompt_logprobs is not None else None,
         )

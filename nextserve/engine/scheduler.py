@@ -85,7 +85,8 @@ class Scheduler:
         return batch
 
     def _admit(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
-        match = self.cache.match(seq)
+        # A sequence that must score its prompt computes every position: it takes nothing from the prefix cache.
+        match = self.cache.match(seq) if not seq.wants_prompt_logprobs else self.cache.no_match()
         n = min(len(seq.token_ids) - match.length, budget)
         if not self.cache.can_admit(match, match.length + n):
             return None
