@@ -14,6 +14,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -165,6 +166,8 @@ def _serve(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, str,
         lines.append(line)
         if m := re.search(r"nextserve ready: (http://127\.0\.0\.1:(\d+))", line):
             assert m[2] != "0", "--port 0 must report the port it bound"
+            # Keep reading its log, or a full pipe would block the server mid-request.
+            threading.Thread(target=lines.extend, args=(proc.stdout,), daemon=True).start()
             return proc, m[1], lines
         assert time.monotonic() < deadline, "".join(lines)
     proc.wait()
@@ -182,8 +185,11 @@ def test_one_gpu_variant_serves(seed, ours, hf_home) -> None:
         assert models["data"][0]["id"] == name, "a hub id is served under its own name"
         tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
         body = {"model": name, "messages": [{"role": "user", "content": "Weather?"}], "tools": [tool], "max_tokens": 8}
-        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
-        assert r.status_code == 200, r.text
+        try:
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+        except httpx.TimeoutException:
+            pytest.fail("no answer in 120 s; server log:\n" + "".join(lines))
+        assert r.status_code == 200, r.text + "".join(lines)
         assert "reasoning_content" in r.json()["choices"][0]["message"], "the reasoning parser is on by default"
     finally:
         proc.terminate()

@@ -1,7 +1,7 @@
 """Bias-free linear layers that know how to take their tensor-parallel shard of a checkpoint tensor.
 
 A `Linear` holds only its local shard. `shard_fn` (layers/shard.py) maps the full checkpoint tensor to that shard
-(identity at TP=1); the loader calls `load_param(param, tensor, name)`. Column-parallel layers split output rows,
+(identity at TP=1); the loader takes `shard_of(param, tensor, name)`. Column-parallel layers split output rows,
 row-parallel ones split input columns and all-reduce their output through the communicator when `comm` is set.
 
 With `fp8_block` the weight is float8_e4m3fn with its fp32 block scales beside it as `weight_scale_inv` (the
@@ -21,14 +21,15 @@ from nextserve.ops import fp8 as fp8_ops
 from nextserve.parallel import Communicator, ParallelContext
 
 
-def load_param(param: nn.Parameter, full: torch.Tensor, name: str) -> None:
-    """Copies the rank's shard of `full` into `param`, checking the shape (errors name the tensor)."""
+def shard_of(param: nn.Parameter, full: torch.Tensor, name: str) -> torch.Tensor:
+    """The rank's shard of checkpoint tensor `full` for `param` (a view where it can be), after checking the full
+    shape (errors name the tensor)."""
     shard_fn: ShardFn = getattr(param, "shard_fn", replicated)
     expected = shard_fn.full_shape(param.shape)
     if tuple(full.shape) != expected:
         sharded = "" if shard_fn is replicated else f" (this rank holds {tuple(param.shape)} of it)"
         raise ValueError(f"tensor {name!r} has shape {tuple(full.shape)}; the model expects {expected}{sharded}")
-    param.data.copy_(shard_fn(full))
+    return shard_fn(full)
 
 
 class Linear(nn.Module):

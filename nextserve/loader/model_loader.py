@@ -86,12 +86,13 @@ def load_model(
     quant: Fp8Config | None = None,
 ) -> Qwen3NextForCausalLM:
     """Build the model (block-FP8 where `quant` says) and fill it from the checkpoint, one tensor at a time: each is
-    moved to the device before any conversion, so quantising a bf16 checkpoint never holds it whole."""
+    cut to this rank's shard on the host, and the shard moved to the device before any conversion, so quantising a
+    bf16 checkpoint never holds it whole."""
     with torch.device(device):
         model = Qwen3NextForCausalLM(config, dtype=dtype, ctx=ctx, comm=comm, with_mtp=with_mtp, quant=quant)
     stream = iter_checkpoint(model_dir, dtype=dtype, progress=progress, keep_fp8=keeps_fp8(model))
     # FP8 tensors and their fp32 scales keep their dtypes; the rest arrive in the model dtype already.
-    load_weights(model, ((name, t.to(device)) for name, t in stream))
+    load_weights(model, stream)
     return model.eval()
 
 

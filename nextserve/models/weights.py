@@ -3,11 +3,13 @@
 Names are the checkpoint's own, with one mapping: per-expert tensors `...mlp.experts.{e}.{gate,up,down}_proj.weight`
 are packed into `...mlp.experts.gate_up_proj[e]` (gate rows, then up rows) and `...mlp.experts.down_proj[e]`.
 Checkpoints that already store the fused tensors (newer transformers) load as they are. Each tensor is cut to
-this rank's shard by the parameter's `shard_fn`. Every problem raises `WeightsError` naming the tensor.
+this rank's shard by the parameter's `shard_fn` where it arrives (on the host, from the checkpoint reader), and
+only the shard moves to the parameter's device. Every problem raises `WeightsError` naming the tensor.
 
 Block-FP8 parameters (float8_e4m3fn, with `X_scale_inv` beside them) take an FP8 checkpoint's weight and scale as
-they are, or quantise a floating checkpoint tensor on the fly (`--quantization fp8`), one tensor at a time on the
-device it arrives on. `keeps_fp8(model)` tells the checkpoint reader which FP8 tensors to hand over undequantised.
+they are, or quantise a floating checkpoint tensor on the fly (`--quantization fp8`), one tensor at a time, the
+rank's shard on the parameter's device (shards are whole blocks, so that is the shard of the whole tensor's
+quantisation). `keeps_fp8(model)` tells the checkpoint reader which FP8 tensors to hand over undequantised.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from nextserve.layers.linear import load_param
+from nextserve.layers.linear import shard_of
+from nextserve.layers.shard import Split
 from nextserve.loader.fp8 import FP8_DTYPE, quantize_block_fp8
 
 logger = logging.getLogger(__name__)
@@ -71,15 +74,16 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
             raise WeightsError(f"unexpected tensor {name!r} in the checkpoint (no such parameter in the model)")
         param = params[name]
         try:
-            if param.dtype == FP8_DTYPE and tensor.dtype != FP8_DTYPE:
-                # --quantization fp8: quantise this weight now, on the device it arrived on, with its scale.
+            local = shard_of(param, tensor, name).to(param.device)
+            if param.dtype == FP8_DTYPE and local.dtype != FP8_DTYPE:
+                # --quantization fp8: quantise this rank's share now, on its device, with its scale.
                 if name + SCALE not in params:
                     raise WeightsError(f"cannot quantise {name!r} of shape {tuple(tensor.shape)} to block FP8")
-                wq, scale = _quantize(tensor, params[name + SCALE].fp8_block, name.endswith(".gate_up_proj"))
-                load_param(params[name + SCALE], scale, name + SCALE)
+                scale_param = params[name + SCALE]
+                local, scale = _quantize(local, scale_param.fp8_block, name.endswith(".gate_up_proj"))
+                _copy(scale_param, scale, name + SCALE)
                 loaded.add(name + SCALE)
-                tensor = wq
-            load_param(param, tensor, name)
+            _copy(param, local, name)
         except ValueError as e:
             raise WeightsError(str(e)) from None
         loaded.add(name)
@@ -107,6 +111,14 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
         raise WeightsError(f"missing tensor {missing[0]!r} in the checkpoint ({len(missing)} missing in all)")
 
 
+def _copy(param: nn.Parameter, local: torch.Tensor, name: str) -> None:
+    if local.shape != param.shape:
+        raise WeightsError(
+            f"tensor {name!r}: this rank's share has shape {tuple(local.shape)}, not {tuple(param.shape)}"
+        )
+    param.data.copy_(local)
+
+
 def _quantize(t: torch.Tensor, block: tuple[int, int], gate_up: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-quantise a 2-D weight, or fused experts [E, rows, cols] one expert at a time (a gate_up's gate and up
     halves blocked apart, as the packed scales are)."""
@@ -131,32 +143,44 @@ def _load_expert(params: dict[str, nn.Parameter], m: re.Match, tensor: torch.Ten
     if m["scale"]:
         if not fp8:
             raise WeightsError(f"unexpected FP8 scale {name!r}: the experts of this layer are not FP8")
-        _place(params[packed + SCALE], e, proj, tensor, name)
+        scale_param = params[packed + SCALE]
+        _place(scale_param, e, proj, _expert_share(scale_param, tensor, name), tensor.shape, name)
         return [proj + ".weight" + SCALE]
     if tuple(tensor.shape) != param.expert_shape:
         raise WeightsError(f"tensor {name!r} has shape {tuple(tensor.shape)}; expected {param.expert_shape}")
     arrived = [proj + ".weight"]
-    if fp8 and tensor.dtype != FP8_DTYPE:  # --quantization fp8: this expert's projection, quantised now
-        tensor, scale = quantize_block_fp8(tensor, params[packed + SCALE].fp8_block)
-        _place(params[packed + SCALE], e, proj, scale, name + SCALE)
+    local = _expert_share(param, tensor, name).to(param.device)
+    if fp8 and tensor.dtype != FP8_DTYPE:  # --quantization fp8: this rank's share of the projection, quantised now
+        local, scale = quantize_block_fp8(local, params[packed + SCALE].fp8_block)
+        _place(params[packed + SCALE], e, proj, scale, tensor.shape, name + SCALE)
         arrived.append(proj + ".weight" + SCALE)
-    _place(param, e, proj, tensor, name)
+    _place(param, e, proj, local, tensor.shape, name)
     return arrived
 
 
-def _place(param: nn.Parameter, e: int, proj: str, tensor: torch.Tensor, name: str) -> None:
-    """Copy expert e's gate/up/down tensor (a weight, or an FP8 scale: same layout rules) into its packed rows,
-    through the packed parameter's shard_fn (given a leading expert axis of 1)."""
+def _expert_share(param: nn.Parameter, tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """This rank's share of one expert's gate, up or down tensor (a weight or an FP8 scale): the packed
+    parameter's cut without its expert axis, for one half of a gate_up."""
+    shard = param.shard_fn
+    if isinstance(shard, Split):
+        shard = Split(shard.ctx, shard.dim - 1, shard.parts[:1])
+    try:
+        return shard(tensor)
+    except ValueError as e:
+        raise WeightsError(f"tensor {name!r}: {e}") from None
+
+
+def _place(param: nn.Parameter, e: int, proj: str, local: torch.Tensor, full_shape, name: str) -> None:
+    """Copy this rank's share of expert e's gate/up/down tensor (a weight, or an FP8 scale: same layout rules)
+    into its packed rows."""
     if proj == "down_proj":
-        local = param.shard_fn(tensor.unsqueeze(0))[0]
         target = param.data[e]
     else:
         half = param.shape[1] // 2
-        local = param.shard_fn(torch.cat([tensor, tensor], dim=0).unsqueeze(0))[0][:half]
         rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
         target = param.data[e, rows]
     if local.shape != target.shape:
         raise WeightsError(
-            f"tensor {name!r} has shape {tuple(tensor.shape)}; expected {tuple(target.shape)} per expert shard"
+            f"tensor {name!r} has shape {tuple(full_shape)}; expected {tuple(target.shape)} per expert shard"
         )
     target.copy_(local)

@@ -5,10 +5,12 @@ the multi-node numbering."""
 
 import pytest
 import torch
-from tiny import tiny_config, write_tiny_checkpoint
+from tiny import hf_model, mtp_tensors, per_expert, tiny_config, write_tiny_checkpoint
 
 from nextserve.layers.quant import Fp8Config
 from nextserve.layers.shard import Split, Take
+from nextserve.loader import write_checkpoint
+from nextserve.loader.checkpoint import fp8_modules
 from nextserve.loader.model_loader import build_dummy_model, load_model
 from nextserve.model_config import ModelConfig
 from nextserve.models.qwen3_next import Qwen3NextForCausalLM
@@ -57,6 +59,26 @@ def test_loaded_ranks_hold_their_shards(tmp_path, tp):
     heads = full.attention_layers()[0].k_proj.weight.view(2, -1, mc.hidden_size)  # [Hkv, D, H]
     for r, m in enumerate(ranks):
         assert torch.equal(m.attention_layers()[0].k_proj.weight, heads[r * 2 // tp])
+
+
+_KEEP = ("embed_tokens", "lm_head", "norm", "mlp.gate.", "shared_expert_gate", "in_proj_ba", "conv1d", "A_log")
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["quantised-on-load", "fp8-checkpoint"])
+def test_fp8_ranks_hold_their_shards_of_weights_and_scales(tmp_path, stored):
+    """16x16 blocks, TP2: every share is whole blocks, so the rank's quantised share (--quantization fp8) and its
+    cut of a stored FP8 checkpoint's per-expert scales are the shards of the TP1 model's."""
+    state = {k: v.detach().clone() for k, v in hf_model(CFG, 4).state_dict().items()}
+    state.update(mtp_tensors(per_expert(state), CFG))
+    config = dict(CFG, model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"])
+    fp8 = dict(fp8_block=(16, 16), fp8_skip=lambda n: any(k in n for k in _KEEP)) if stored else {}
+    write_checkpoint(tmp_path, per_expert(state), config, **fp8)
+    quant = Fp8Config((16, 16), modules=fp8_modules(tmp_path) if stored else None)
+    mc = ModelConfig.from_pretrained(tmp_path)
+    kw = dict(dtype=torch.float32, device=CPU, with_mtp=True, progress=False, quant=quant)
+    full = load_model(tmp_path, mc, **kw)
+    assert full.model.layers[0].mlp.experts.down_proj_scale_inv.shape == (8, 2, 2)
+    _assert_shards(full, [load_model(tmp_path, mc, **kw, **_rank(r, 2)) for r in range(2)])
 
 
 @pytest.mark.parametrize("quant", [None, Fp8Config((16, 16))], ids=["bf16", "fp8"])
