@@ -154,6 +154,13 @@ class EngineConfig:
             "import, instead of refusing to start"
         },
     )
+    disable_overlap_schedule: bool = field(
+        default=False,
+        metadata={
+            "help": "read each step's results before launching the next (default: launch step N+1, then process "
+            "step N while the device runs it; outputs are the same)"
+        },
+    )
     disable_cuda_graph: bool = field(
         default=False,
         metadata={"help": "decode eagerly, without CUDA graphs", "aliases": ("--enforce-eager",)},

@@ -108,10 +108,19 @@ class AsyncEngine:
         self._stats_at = time.monotonic()
 
     def _deliver(self, request_id: str, item) -> None:
-        consumer = self._consumers.get(request_id)
-        if consumer is not None:
-            loop, q = consumer
-            loop.call_soon_threadsafe(q.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items) -> None:
+        """Hands (request id, output or error) pairs to their consumers: one wake-up per event loop, however many
+        requests progressed in the step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            consumer = self._consumers.get(request_id)
+            if consumer is not None:
+                loop, q = consumer
+                by_loop.setdefault(loop, []).append((q, item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _apply(self, cmd: tuple) -> None:
         kind = cmd[0]
@@ -153,7 +162,11 @@ class AsyncEngine:
                     self.engine.abort(rid)
                     self._deliver(rid, RuntimeError(f"engine failure: {e}"))
                 continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_all((out.request_id, out) for out in outputs)
             if time.monotonic() - self._stats_at >= STATS_INTERVAL_S:
                 self._publish_stats()
+
+
+def _put_all(batch) -> None:
+    for q, item in batch:
+        q.put_nowait(item)

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 from nextserve.engine.kv_pool import KVPool
 from nextserve.engine.prefix_cache import Freed, Match, PrefixTree
-from nextserve.engine.request import Sequence
+from nextserve.engine.request import SeqStatus, Sequence
 from nextserve.engine.state_pool import StatePool
 
 
@@ -169,12 +169,16 @@ class CacheManager:
         # the sequence locks (a shorter one would move its lock up, off pages it still reads).
         return sorted(plan)
 
-    def commit_snapshots(self, batch, plan: list[tuple[int, int, int]]) -> None:
-        """After the step (num_cached advanced, nothing sampled yet): hangs the planned snapshots in the tree."""
+    def commit_snapshots(self, batch, plan: list[tuple[int, int, int]], firsts: list[int]) -> None:
+        """Once the step is queued (num_cached advanced): hangs the planned snapshots in the tree. `firsts`: the
+        first position each of `batch` fed."""
         self._planned -= len(plan)
         for b, offset, slot in plan:
-            s = batch[b]
-            node = self._share(s.seq, s.seq.num_cached - s.num_tokens + offset)
+            seq = batch[b].seq
+            if seq.status is not SeqStatus.RUNNING:
+                self.states.free(slot)
+                continue
+            node = self._share(seq, firsts[b] + offset)
             if not self.tree.attach(node, (), slot, None):
                 self.states.free(slot)  # a sequence batched beside this one took the same snapshot
 

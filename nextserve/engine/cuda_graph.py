@@ -63,6 +63,7 @@ class DecodeGraphs:
         Bm, W = self.max_batch, max_pages
         # Device buffers the graphs read, and pinned host twins the step fills (one copy per buffer per step).
         self.ints = torch.zeros(4, Bm, dtype=torch.int64, device=device)  # ids, positions, slots, slot_mapping
+        self._copied: torch.cuda.Event | None = None  # the last run's host-to-device copies are done
         self.cached = torch.zeros(Bm, dtype=torch.int32, device=device)
         self.table = torch.zeros(Bm, W, dtype=torch.int32, device=device)
         pin = device.type == "cuda"
@@ -119,7 +120,7 @@ class DecodeGraphs:
         return 0 < num_seqs <= self.max_batch and max_pages <= self.width
 
     def run(
-        self, ids: list[int], positions: list[int], slots: list[int], page_tables: list[list[int]]
+        self, ids: list[int], positions: list[int], slots: list[int], page_tables: list[list[int]], pending=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step of B sequences: token ids[b] at position positions[b] (= tokens cached before it) with
         state slot slots[b] and KV pages page_tables[b]. Returns views (hidden [B, H], fp32 logits [B, V]) of the
@@ -127,6 +128,10 @@ class DecodeGraphs:
         B = len(ids)
         Bb = next(s for s in self.sizes if s >= B)
         ps = self.page_size
+        if self._copied is not None:
+            # Overlapped steps: the previous step's copies out of these pinned buffers must be done (they run at
+            # that step's start on the stream; this waits for them, not for the step).
+            self._copied.synchronize()
         ints, table = self.host_ints.numpy(), self.host_table.numpy()
         mapping = [pages[pos // ps] * ps + pos % ps for pos, pages in zip(positions, page_tables)]
         ints[:, :B] = (ids, positions, slots, mapping)
@@ -141,6 +146,11 @@ class DecodeGraphs:
         self.ints[:, :Bb].copy_(self.host_ints[:, :Bb], non_blocking=True)
         self.cached[:Bb].copy_(self.host_cached[:Bb], non_blocking=True)
         self.table[:Bb, :width].copy_(self.host_table[:Bb, :width], non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        if pending is not None:
+            rows, values = pending  # tokens the host has not read yet: from the device, after the copy
+            self.ints[0, rows] = values
         self.graphs[Bb].replay()
         hidden, logits = self.outputs[Bb]
         return hidden[:B], logits[:B]

@@ -29,7 +29,7 @@ from nextserve.engine.cuda_graph import supports_graphs
 from nextserve.engine.detokenizer import IncrementalDetokenizer
 from nextserve.engine.kv_pool import KVLayout, KVPool
 from nextserve.engine.memory import Capacity, cache_budget_bytes, check_weights_fit, plan_capacity, weight_bytes
-from nextserve.engine.request import Request, SeqStatus, Sequence
+from nextserve.engine.request import PENDING, Request, SeqStatus, Sequence
 from nextserve.engine.runner import ModelRunner
 from nextserve.engine.sampler import SamplingRow, build_sampling_batch, sample
 from nextserve.engine.scheduler import ScheduledSeq, Scheduler
@@ -86,6 +86,8 @@ class LaunchedStep:
     starts: dict[int, tuple[int, int]]  # seq_id -> (first position, first hidden row) computed this step
     t_start: float
     prompt_scores: list[tuple[Sequence, PromptScores]]
+    host_tokens: torch.Tensor | None  # plain_tokens on the host, once `ready` has fired
+    ready: torch.cuda.Event | None
 
 
 @dataclass
@@ -175,7 +177,9 @@ class Engine:
         self.runner = ModelRunner(self.model, self.kv_pool, self.state_pool, self.device)
         self._setup_cuda_graphs()
         self.cache = CacheManager(self.kv_pool, self.state_pool, cfg.prefix_caching, self.capacity.num_snapshot_slots)
-        self.scheduler = Scheduler(self.cache, cfg.max_num_batched_tokens, self.capacity.max_running)
+        self.scheduler = Scheduler(
+            self.cache, cfg.max_num_batched_tokens, self.capacity.max_running, self.max_model_len
+        )
         eos = self.generation_defaults.get("eos_token_id", [])
         self.eos_ids = set(self.model_config.eos_token_ids) | set(eos if isinstance(eos, list) else [eos])
         self.spec = None
@@ -190,6 +194,11 @@ class Engine:
                 adaptive=cfg.speculative_adaptive,
             )
         self._finishing: list[Sequence] = []
+        # Overlapped scheduling: the launched step whose results are not read yet. Speculative decoding steps are
+        # not overlapped (a verify step needs the drafts, which need the previous step's tokens, on the host).
+        self.overlap = not cfg.disable_overlap_schedule and self.spec is None
+        self._pending: LaunchedStep | None = None
+        self.num_overlapped_steps = 0  # steps launched while the one before was still unread
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.prompt_tokens_total = 0
@@ -314,20 +323,45 @@ class Engine:
             if not seq.finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
+        if not self.requests and self._pending is not None:
+            # Nothing left to run: read the launched step now (its results are all dropped) so the engine is idle.
+            pending, self._pending = self._pending, None
+            self._process(pending)
         self._idle_check()
         return req.output()
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        """Requests left, or a launched step still to read (it may hold snapshot slots)."""
+        return bool(self.requests) or self._pending is not None
 
     # ---- the step ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step. Overlapped (the default): launch step N+1, then read and commit step N while the device runs
+        N+1; a sequence that stopped at N has computed one token too many at N+1, which is dropped, never emitted.
+        Otherwise: launch step N and process it."""
         self._check_open()
+        prev, self._pending = self._pending, None
+        if prev is not None and not self._can_launch_before(prev):
+            return self._process(prev)
         launched = self._launch()
-        return self._process(launched) if launched is not None else []
+        if not self.overlap:
+            return self._process(launched) if launched is not None else []
+        self._pending = launched
+        self.num_overlapped_steps += prev is not None and launched is not None
+        return self._process(prev) if prev is not None else []
+
+    def _can_launch_before(self, prev: LaunchedStep) -> bool:
+        """Whether the next step can be launched before `prev` is read: not when a sequence with a token still on
+        the device samples with penalties (they read the whole history on the host)."""
+        for s in prev.sampling:
+            p = s.seq.params
+            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+                return False
+        return True
 
     def _launch(self) -> LaunchedStep | None:
-        """Schedules and runs the step on the device; reads nothing back."""
+        """Schedules and runs the step on the device; reads nothing back. A sequence whose last token is still on
+        the device (PENDING) is fed it from there."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return None
@@ -335,7 +369,7 @@ class Engine:
         sampling = [s for s in scheduled if s.samples]
         snapshots = self.cache.plan_snapshots(scheduled, self.capacity.snapshot_interval)
         scratch = self.spec.plan_scratch(scheduled) if self.spec else []
-        hidden, logits = self.runner.execute(scheduled, snapshots + scratch)
+        hidden, logits = self.runner.execute(scheduled, snapshots + scratch, self._pending_inputs(scheduled))
         starts = {}  # seq_id -> (first position, first hidden row) of what this step computed
         row = 0
         for s in scheduled:
@@ -348,13 +382,24 @@ class Engine:
         for s in sampling:
             offsets.append(r)
             r += s.num_tokens if s.draft else 1
+        # The snapshots are in the tree as soon as they are queued (host bookkeeping; the device writes them before
+        # any later step reads them): the next step's admissions can resume from them, and a sequence that finishes
+        # when this step is processed donates its cache after them.
+        self.cache.commit_snapshots(scheduled, snapshots, [starts[s.seq.seq_id][0] for s in scheduled])
         prompt_scores = self._score_prompts(scheduled, hidden, starts)
         plain = [i for i, s in enumerate(sampling) if not s.draft]
         plain_logits = plain_tokens = None
+        host_tokens = ready = None
         if plain:
             rows = [self.sampling_row(sampling[i].seq) for i in plain]
             plain_logits = logits[[offsets[i] for i in plain]]
             plain_tokens = sample(plain_logits, build_sampling_batch(rows, logits.shape[-1], self.device)).token_ids
+            for j, i in enumerate(plain):
+                seq = sampling[i].seq
+                seq.token_ids.append(PENDING)
+                seq.num_pending += 1
+                seq.pending_source = (plain_tokens, j)
+            host_tokens, ready = self._copy_to_host(plain_tokens)
         return LaunchedStep(
             scheduled,
             sampling,
@@ -369,7 +414,33 @@ class Engine:
             starts,
             t_start,
             prompt_scores,
+            host_tokens,
+            ready,
         )
+
+    def _pending_inputs(self, scheduled) -> tuple[list[int], torch.Tensor] | None:
+        """(rows of the step's flat input, their token values on the device) for the sequences fed a PENDING token;
+        None when there are none. Every such token comes from the one step launched before this one."""
+        rows, values, row = [], [], 0
+        for s in scheduled:
+            seq = s.seq
+            if seq.num_pending:
+                assert s.num_tokens == 1 and not s.draft and seq.num_cached == len(seq.token_ids) - 1
+                src, j = seq.pending_source
+                rows.append(row)
+                values.append(src[j : j + 1])
+            row += s.num_tokens
+        return (rows, torch.cat(values)) if rows else None
+
+    def _copy_to_host(self, tokens: torch.Tensor):
+        """Starts the copy of the sampled tokens to the host; returns (host tensor, event to wait for or None)."""
+        if tokens.device.type != "cuda":
+            return tokens, None
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
 
     def _score_prompts(self, scheduled, hidden: torch.Tensor, starts) -> list[tuple[Sequence, PromptScores]]:
         """Log-probabilities of the prompt tokens this step's chunks predict, for sequences that asked (on the
@@ -402,13 +473,16 @@ class Engine:
     def _process(self, step: LaunchedStep) -> list[RequestOutput]:
         """Reads the step's results, commits them, and returns the outputs of the requests that progressed."""
         scheduled, sampling = step.scheduled, step.sampling
-        # Before appending: a sequence that finishes now donates its cache, so snapshots must be in place first.
-        self.cache.commit_snapshots(scheduled, step.snapshots)
         self._finishing = []
         appended = []  # (sequence, tokens, their logits rows)
         if step.plain:
-            for j, tok in enumerate(step.plain_tokens.tolist()):
-                appended.append((sampling[step.plain[j]].seq, [tok], step.plain_logits[j : j + 1]))
+            if step.ready is not None:
+                step.ready.synchronize()  # the copy only: a step launched after this one keeps running
+            for j, tok in enumerate(step.host_tokens.tolist()):
+                seq = sampling[step.plain[j]].seq
+                if seq.finished:
+                    continue  # aborted since the launch, or stopped at the step before (the extra token is dropped)
+                appended.append((seq, [tok], step.plain_logits[j : j + 1]))
         if self.spec is not None:
             verify = [(i, s) for i, s in enumerate(sampling) if s.draft]
             groups = [step.logits[step.offsets[i] : step.offsets[i] + s.num_tokens] for i, s in verify]
@@ -416,6 +490,8 @@ class Engine:
             for (_, s), group, tokens in zip(verify, groups, accepted):
                 appended.append((s.seq, tokens, group[: len(tokens)]))
         for seq, scores in step.prompt_scores:
+            if seq.finished:
+                continue
             ids = seq.token_ids[scores.first + 1 : scores.first + 1 + len(scores.token_logprobs)]
             lps = scores.token_logprobs.tolist()
             top_ids = scores.top_ids.tolist() if scores.top_ids is not None else [[]] * len(lps)
@@ -433,7 +509,9 @@ class Engine:
             self.spec.draft(scheduled, step.hidden, step.starts, t_target, ntok)
         for seq in self._finishing:
             self.scheduler.finish(seq)
-        touched: dict[str, Request] = {s.seq.request.request_id: s.seq.request for s in sampling}
+        touched: dict[str, Request] = {
+            s.seq.request.request_id: s.seq.request for s in sampling if s.seq.request.request_id in self.requests
+        }
         outputs = []
         for rid, req in touched.items():
             outputs.append(req.output())
@@ -474,8 +552,13 @@ class Engine:
             self._append_token(seq, tok)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
+        """Commits the next token: it takes the place of the oldest PENDING entry, or is appended."""
         p = seq.params
-        seq.token_ids.append(token)
+        if seq.num_pending:
+            seq.token_ids[len(seq.token_ids) - seq.num_pending] = token
+            seq.num_pending -= 1
+        else:
+            seq.token_ids.append(token)
         self.generation_tokens_total += 1
         if token in p.stop_token_ids:
             self._finish(seq, "stop", token)
@@ -486,13 +569,17 @@ class Engine:
             seq.text += delta
             if stop_hit is not None:
                 self._finish(seq, "stop", stop_hit)
+        committed = len(seq.token_ids) - seq.num_pending
         if not seq.stopped and (
-            len(seq.output_ids) >= seq.request.max_tokens or len(seq.token_ids) >= self.max_model_len
+            committed - seq.num_prompt >= seq.request.max_tokens or committed >= self.max_model_len
         ):
             self._finish(seq, "length", None)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         seq.status, seq.finish_reason, seq.stop_reason = SeqStatus.STOPPED, reason, stop_reason
+        if seq.num_pending:  # tokens sampled after the stop: dropped (never fed: see Scheduler._at_limit)
+            del seq.token_ids[-seq.num_pending :]
+            seq.num_pending = 0
         if not seq.detok.finished:
             # Text held back (a possible stop-string start, an incomplete character) is final now.
             seq.text += seq.detok.step([], finished=True)[0]
@@ -505,7 +592,7 @@ class Engine:
 
     # ---- introspection -------------------------------------------------------------------------------------
     def check_integrity(self) -> None:
-        self.scheduler.check_integrity()
+        self.cache.check_integrity(self.scheduler.running, self.scheduler.waiting)
 
     def stats(self) -> dict[str, float]:
         """Point-in-time gauges and cumulative counters (the server's /metrics reads these).

@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from nextserve.engine.prefix_cache import Node
 
 
+# Placeholder in token_ids for a token sampled on the device whose value the host has not read yet (overlapped
+# scheduling): the next step feeds it from the device; the process half of its step writes the value in.
+PENDING = -1
+
+
 class SeqStatus(enum.Enum):
     """The one record of where a sequence is; `finish_reason` only says why it stopped."""
 
@@ -59,6 +64,9 @@ class Sequence:
     draft_probs: torch.Tensor | None = None
     # Prompt log-probabilities (the request's first sequence only, when asked): entry i scores prompt token i.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Trailing PENDING entries of token_ids, and for the last one where its value is: (device tokens, index).
+    num_pending: int = 0
+    pending_source: tuple[torch.Tensor, int] | None = None
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -71,7 +79,13 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt :]
+        """Generated tokens whose values are known (pending ones excluded)."""
+        return self.token_ids[self.num_prompt : len(self.token_ids) - self.num_pending]
+
+    @property
+    def num_output(self) -> int:
+        """Generated tokens, pending ones included."""
+        return len(self.token_ids) - self.num_prompt
 
     @property
     def num_uncached(self) -> int:

@@ -46,7 +46,7 @@ class ModelRunner:
         for i, gdn in enumerate(self.model.linear_attention_layers()):
             gdn.conv_state, gdn.ssm_state = self.states.conv[i], self.states.ssm[i]
 
-    def prepare(self, scheduled: list[ScheduledSeq], snapshots=()) -> tuple[torch.Tensor, ForwardBatch]:
+    def prepare(self, scheduled: list[ScheduledSeq], snapshots=(), pending=None) -> tuple[torch.Tensor, ForwardBatch]:
         ids: list[int] = []
         logits_rows: list[int] = []
         for s in scheduled:
@@ -66,13 +66,18 @@ class ModelRunner:
             device=self.device,
             snapshots=list(snapshots),
         )
-        return torch.tensor(ids, dtype=torch.int64, device=self.device), batch
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        if pending is not None:
+            rows, values = pending
+            input_ids[rows] = values
+        return input_ids, batch
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq], snapshots=()) -> tuple[torch.Tensor, torch.Tensor]:
+    def execute(self, scheduled: list[ScheduledSeq], snapshots=(), pending=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the step; returns (hidden [T, H], fp32 logits [R, V] of the rows that sample, in scheduled order;
         every row of a verify group). `snapshots` are (index in scheduled, offset in its chunk, dst slot) state
-        snapshots taken inside the step."""
+        snapshots taken inside the step. `pending`: (rows of the flat input, device token values) for tokens the
+        host has not read yet (their host value is PENDING)."""
         if self.graphs is not None and not snapshots and self._graphable(scheduled):
             seqs = [s.seq for s in scheduled]
             hidden, logits = self.graphs.run(
@@ -80,11 +85,12 @@ class ModelRunner:
                 [seq.num_cached for seq in seqs],
                 [seq.slot for seq in seqs],
                 [seq.pages for seq in seqs],
+                pending,
             )
             if not all(s.samples for s in scheduled):  # a one-token prefill chunk that does not end its prompt
                 logits = logits[[i for i, s in enumerate(scheduled) if s.samples]]
             return hidden, logits
-        input_ids, batch = self.prepare(scheduled, snapshots)
+        input_ids, batch = self.prepare(scheduled, snapshots, pending)
         hidden = self.model(input_ids, batch)
         return hidden, self.model.compute_logits(hidden[batch.logits_indices]).float()
 

@@ -41,8 +41,9 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, cache: CacheManager, max_num_batched_tokens: int, max_running: int):
+    def __init__(self, cache: CacheManager, max_num_batched_tokens: int, max_running: int, max_model_len: int):
         self.cache = cache
+        self.max_model_len = max_model_len
         self.max_tokens = max_num_batched_tokens
         self.max_running = max_running
         self.waiting: deque[Sequence] = deque()
@@ -59,6 +60,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending and self._at_limit(seq):
+                i += 1  # its pending token is its last: it finishes when that token is read
+                continue
             n = min(seq.num_uncached, budget)
             draft = seq.draft[: budget - 1] if n == 1 and seq.num_uncached == 1 else []
             n += len(draft)
@@ -84,7 +88,12 @@ class Scheduler:
             budget -= scheduled.num_tokens
         return batch
 
+    def _at_limit(self, seq: Sequence) -> bool:
+        return seq.num_output >= seq.request.max_tokens or len(seq.token_ids) >= self.max_model_len
+
     def _admit(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
+        if seq.num_pending:
+            return None  # preempted with a token still on the device: admitted once it is read
         # A sequence that must score its prompt computes every position: it takes nothing from the prefix cache.
         match = self.cache.match(seq) if not seq.wants_prompt_logprobs else self.cache.no_match()
         n = min(len(seq.token_ids) - match.length, budget)
@@ -115,6 +124,3 @@ class Scheduler:
             self.waiting.remove(seq)
         self.cache.release(seq)
         seq.status = SeqStatus.FINISHED
-
-    def check_integrity(self) -> None:
-        self.cache.check_integrity(self.running, self.waiting)

@@ -120,7 +120,7 @@ class LeaderEngine(_RankEngine):
         if not config.dist_init_addr:
             config = dataclasses.replace(config, dist_init_addr=f"127.0.0.1:{_free_port()}")
         self._followers: list[mp.process.BaseProcess] = []
-        self._pending = StepMessage()
+        self._message = StepMessage()
         self._closing = False
         ctx = mp.get_context("spawn")
         for local_rank in range(1, config.tp_size // config.nnodes):
@@ -140,22 +140,22 @@ class LeaderEngine(_RankEngine):
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None):
         req = super().add_request(request_id, prompt, params)
-        self._pending.commands.append(("add", request_id, list(req.prompt_token_ids), params or SamplingParams()))
+        self._message.commands.append(("add", request_id, list(req.prompt_token_ids), params or SamplingParams()))
         return req
 
     def abort(self, request_id: str) -> RequestOutput | None:
         out = super().abort(request_id)
         if out is not None:
-            self._pending.commands.append(("abort", request_id))
+            self._message.commands.append(("abort", request_id))
         return out
 
     def reset_prefix_cache(self) -> None:
         super().reset_prefix_cache()
-        self._pending.commands.append(("reset",))
+        self._message.commands.append(("reset",))
 
     def step(self) -> list[RequestOutput]:
         self._check_open()
-        msg, self._pending = self._pending, StepMessage()
+        msg, self._message = self._message, StepMessage()
         if self.spec is not None:
             msg.draft_observations = self.spec.policy.take_observations()
         self._broadcast(msg)
@@ -167,7 +167,7 @@ class LeaderEngine(_RankEngine):
         self._closing = True
         for rid in list(self.requests):
             self.abort(rid)
-        msg, self._pending = self._pending, StepMessage()
+        msg, self._message = self._message, StepMessage()
         msg.step, msg.close = False, True
         try:
             self._broadcast(msg)

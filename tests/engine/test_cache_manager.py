@@ -8,7 +8,7 @@ import torch
 
 from nextserve.engine.cache_manager import CacheManager
 from nextserve.engine.kv_pool import KVLayout, KVPool
-from nextserve.engine.request import Sequence
+from nextserve.engine.request import SeqStatus, Sequence
 from nextserve.engine.scheduler import ScheduledSeq
 from nextserve.engine.state_pool import StateLayout, StatePool
 
@@ -52,11 +52,12 @@ def test_random_operations_keep_every_page_and_slot_owned_once(prefix):
             n = rng.randint(1, len(prompt) - m.length)
             if cm.can_admit(m, m.length + n):  # a yes is a promise
                 cm.admit(s, m, m.length + n)
+                s.status = SeqStatus.RUNNING
                 assert s.num_cached == m.length and len(s.pages) >= cm.pages_for(m.length + n)
                 batch = [ScheduledSeq(s, n)]
                 plan = cm.plan_snapshots(batch, 8)
                 s.num_cached += n
-                cm.commit_snapshots(batch, plan)
+                cm.commit_snapshots(batch, plan, [m.length])
                 running.append(s)
                 counts["admit"] += 1
         elif r < 0.55 and running:
@@ -70,9 +71,10 @@ def test_random_operations_keep_every_page_and_slot_owned_once(prefix):
                     cm.grow(s, s.num_cached + n)
                     batch.append(ScheduledSeq(s, n))
             plan = cm.plan_snapshots(batch, 8)
+            firsts = [b.seq.num_cached for b in batch]
             for b in batch:
                 b.seq.num_cached += b.num_tokens
-            cm.commit_snapshots(batch, plan)
+            cm.commit_snapshots(batch, plan, firsts)
             counts["step"] += 1
         elif r < 0.62 and running:
             # A verify step: k drafts fed, scratch slots for their states, then a rejected tail given back.
