@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP app: routes, authentication, errors, and the one way requests reach the engine.
 
-`build_app(engine, ...)` serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}],
+`build_app(engine, ...)` serves POST /v1/chat/completions, POST /v1/completions, POST /v1/responses (and GET
+/v1/responses/{id}, shaped in responses.py), GET /v1/models[/{id}],
 GET /health and GET /metrics over any object with the `AsyncEngine` surface (tokenizer, max_model_len,
 generation_defaults, generate, abort, stats). Contracts:
 
@@ -32,7 +33,7 @@ from starlette.requests import ClientDisconnect
 
 from nextserve.outputs import RequestOutput
 from nextserve.sampling_params import SamplingParams
-from nextserve.server import chat
+from nextserve.server import chat, responses
 from nextserve.server.metrics import ServerMetrics
 from nextserve.server.parsers import get_reasoning_parser, get_tool_call_parser
 from nextserve.server.protocol import (
@@ -52,7 +53,7 @@ from nextserve.server.protocol import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-R = TypeVar("R", ChatCompletionRequest, CompletionRequest)
+R = TypeVar("R", ChatCompletionRequest, CompletionRequest, responses.ResponsesRequest)
 
 _STATUS_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed"}
 
@@ -86,6 +87,7 @@ class _Server:
         self.tool_cls = get_tool_call_parser(tool_call_parser) if _on(tool_call_parser) else None
         self.metrics = ServerMetrics(engine.stats)
         self.token_text = TokenText(self.tokenizer)
+        self.responses = responses.ResponseStore()  # for /v1/responses' previous_response_id
         self.created = now()
 
     def check_model(self, model: str | None) -> None:
@@ -382,6 +384,16 @@ async def _chat_completions(srv: _Server, request: Request, req: ChatCompletionR
     return JSONResponse(body)
 
 
+# ---- the Responses API (shaped in responses.py) ----------------------------------------------------------------
+async def _responses(srv: _Server, request: Request, req: responses.ResponsesRequest) -> Response:
+    job, params = responses.start(srv, req)
+    outputs = srv.generate(job.response_id, job.prompt_ids, params, prompt_param="input")
+    if req.stream:
+        return await _event_stream(request, outputs, job.stream)
+    final = await _unless_disconnected(request, _last(outputs))
+    return JSONResponse(job.response(final))
+
+
 # ---- the app ------------------------------------------------------------------------------------------------
 def build_app(
     engine: Any,
@@ -418,6 +430,14 @@ def build_app(
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
         return await answer(request, CompletionRequest, lambda req: _completions(srv, request, req))
+
+    @v1.post("/responses")
+    async def create_response(request: Request) -> Response:
+        return await answer(request, responses.ResponsesRequest, lambda req: _responses(srv, request, req))
+
+    @v1.get("/responses/{response_id}")
+    async def get_response(response_id: str) -> dict[str, Any]:
+        return srv.responses.get(response_id).body
 
     def model_card() -> dict[str, Any]:
         return {

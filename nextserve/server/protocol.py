@@ -323,7 +323,7 @@ class CompletionRequest(_SamplingRequest):
         return list(p)
 
 
-RequestT = TypeVar("RequestT", bound=_SamplingRequest)
+RequestT = TypeVar("RequestT", bound=_Strict)
 
 # Names pydantic puts in an error location for the branch of a union; they are not request fields.
 _BRANCH_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
