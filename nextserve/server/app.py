@@ -49,11 +49,12 @@ from nextserve.server.protocol import (
     sse,
     usage,
 )
+from nextserve.server.responses_request import ResponsesRequest
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-R = TypeVar("R", ChatCompletionRequest, CompletionRequest, responses.ResponsesRequest)
+R = TypeVar("R", ChatCompletionRequest, CompletionRequest, ResponsesRequest)
 
 _STATUS_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed"}
 
@@ -385,7 +386,7 @@ async def _chat_completions(srv: _Server, request: Request, req: ChatCompletionR
 
 
 # ---- the Responses API (shaped in responses.py) ----------------------------------------------------------------
-async def _responses(srv: _Server, request: Request, req: responses.ResponsesRequest) -> Response:
+async def _responses(srv: _Server, request: Request, req: ResponsesRequest) -> Response:
     job, params = responses.start(srv, req)
     outputs = srv.generate(job.response_id, job.prompt_ids, params, prompt_param="input")
     if req.stream:
@@ -433,7 +434,7 @@ def build_app(
 
     @v1.post("/responses")
     async def create_response(request: Request) -> Response:
-        return await answer(request, responses.ResponsesRequest, lambda req: _responses(srv, request, req))
+        return await answer(request, ResponsesRequest, lambda req: _responses(srv, request, req))
 
     @v1.get("/responses/{response_id}")
     async def get_response(response_id: str) -> dict[str, Any]:
