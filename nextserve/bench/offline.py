@@ -6,7 +6,9 @@ generate the same number of tokens; the ratio measures what continuous batching 
 Decode throughput as users get it from `LLM.generate`: the batch is generated once with one output token (prefill
 and first token) and once with --output-len; decode tok/s = prompts x (output_len - 1) / the difference, the figure
 to set beside `bench model`'s decode at batch = --num-prompts. `--no-loop` skips the one-at-a-time run (large
-models).
+models). `--compare-model` also times, in the same run and on the same model, what `bench model` times: one decode
+step of the batch at the mid-generation context (input_len + output_len / 2), without the engine around it, and
+prints the engine's share of it (on a GPU, leave memory for its pools: e.g. --mem-fraction-static 0.6).
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-json", default=None)
     parser.add_argument(
         "--loop", action=argparse.BooleanOptionalAction, default=True, help="also time one prompt at a time"
+    )
+    parser.add_argument(
+        "--compare-model",
+        action="store_true",
+        help="also time bench model's decode step of the same batch and context on the same model, and print the ratio",
     )
     EngineConfig.add_cli_args(parser)
 
@@ -99,4 +106,40 @@ def measure(llm, args: argparse.Namespace, num_prompts: int) -> dict:
         print(f"{'loop':<10}{t_loop:>10.2f}{result['loop_tok_s']:>15.1f}")
         print(f"speed-up {result['speedup']}x; identical greedy outputs: {same}")
     print(f"decode (batch of {num_prompts}, after the first token): {decode_tok_s:.1f} tok/s")
+    if args.compare_model:
+        result |= compare_model(llm, args, num_prompts, decode_tok_s)
     return result
+
+
+def compare_model(llm, args: argparse.Namespace, batch: int, decode_tok_s: float) -> dict:
+    """`bench model`'s decode point on the engine's own model: the kernels alone, for the engine's ratio. The
+    engine's pools are rebound to the model afterwards."""
+    from types import SimpleNamespace
+
+    from nextserve.bench import model as bench_model
+
+    engine = llm.engine
+    cfg = engine.config
+    point_args = SimpleNamespace(
+        page_size=cfg.page_size,
+        mamba_ssm_dtype=cfg.mamba_ssm_dtype,
+        cuda_graph=engine.runner.graphs is not None,
+        warmup=2,
+        repeats=3,
+        decode_steps=10,
+    )
+    roofline = bench_model.measure_roofline(engine.device, engine.dtype, copy_bytes=2**26, gemm_n=256)
+    context = args.input_len + args.output_len // 2
+    try:
+        point = bench_model.decode_point(engine.model, point_args, roofline, batch, context)
+    finally:
+        engine.runner.bind_caches()
+    if "skipped" in point:
+        print(f"bench model decode (batch {batch}, context {context}): skipped, {point['skipped']}")
+        return {"model_decode_skipped": point["skipped"]}
+    ratio = decode_tok_s / point["tokens_per_s"]
+    print(
+        f"bench model decode (batch {batch}, context {context}): {point['tokens_per_s']:.1f} tok/s; "
+        f"LLM.generate reaches {ratio:.0%} of it"
+    )
+    return {"model_decode_tok_s": round(point["tokens_per_s"], 1), "generate_over_model": round(ratio, 3)}

@@ -159,18 +159,20 @@ def test_bench_offline_with_dummy_fp8_weights(config_dir, tmp_path):
 
 def test_bench_offline_decode_rate_without_the_loop(config_dir, tmp_path):
     out = tmp_path / "offline.json"
-    argv = ["bench", "offline", "--model", str(config_dir), "--load-format", "dummy", "--no-loop"]
+    argv = ["bench", "offline", "--model", str(config_dir), "--load-format", "dummy", "--no-loop", "--compare-model"]
     argv += ["--device", "cpu", "--num-prompts", "2", "--input-len", "5", "--output-len", "6"]
     argv += ["--cpu-cache-bytes", str(16 << 20), "--output-json", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert "loop_s" not in result and result["decode_tok_s"] > 0
     assert result["first_token_s"] < result["batched_s"]
+    # bench model's step on the same model, beside it; the engine's pools are bound again afterwards.
+    assert result["model_decode_tok_s"] > 0 and result["generate_over_model"] > 0
 
 
 def test_bench_offline_several_batch_sizes_in_one_engine(config_dir, tmp_path):
     out = tmp_path / "offline.json"
-    argv = ["bench", "offline", "--model", str(config_dir), "--load-format", "dummy", "--no-loop"]
+    argv = ["bench", "offline", "--model", str(config_dir), "--load-format", "dummy", "--no-loop", "--compare-model"]
     argv += ["--device", "cpu", "--num-prompts", "1,3", "--input-len", "4", "--output-len", "4"]
     argv += ["--cpu-cache-bytes", str(16 << 20), "--output-json", str(out)]
     assert main(argv) == 0
