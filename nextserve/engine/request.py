@@ -21,6 +21,7 @@ from nextserve.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from nextserve.engine.detokenizer import IncrementalDetokenizer
     from nextserve.engine.prefix_cache import Node
+    from nextserve.engine.structured import GrammarState
 
 
 class SeqStatus(enum.Enum):
@@ -59,6 +60,8 @@ class Sequence:
     draft_probs: torch.Tensor | None = None
     # Prompt log-probabilities (the request's first sequence only, when asked): entry i scores prompt token i.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Guided decoding: the matcher of this sequence's output (advanced by committed tokens only).
+    grammar: GrammarState | None = None
 
     @property
     def wants_prompt_logprobs(self) -> bool:
