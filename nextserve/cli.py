@@ -24,6 +24,7 @@ _COMMANDS = [
     (("bench", "prefix"), "nextserve.bench.prefix", "time to first token with prefix caching on vs off"),
     (("bench", "model"), "nextserve.bench.model", "model decode/prefill throughput against a roofline"),
     (("bench", "config"), "nextserve.bench.config", "write a preset geometry as config.json (for dummy weights)"),
+    (("bench", "allreduce"), "nextserve.bench.allreduce", "all-reduce latency per message size per backend"),
     (("bench", "fp8-accuracy"), "nextserve.bench.fp8_accuracy", "FP8 against the unquantised model, teacher-forced"),
     (("eval", "gsm8k"), "nextserve.eval.gsm8k", "GSM8K few-shot accuracy against a server"),
     (("eval", "mmlu"), "nextserve.eval.mmlu", "MMLU few-shot accuracy against a server"),

@@ -164,11 +164,11 @@ class EngineConfig:
     tp_size: int = field(
         default=1,
         metadata={
-            "help": "tensor-parallel GPUs (not available yet: only 1)",
+            "help": "tensor-parallel ranks: one process per GPU (on a CPU, gloo processes)",
             "aliases": ("--tp", "--tensor-parallel-size", "-tp"),
         },
     )
-    nnodes: int = field(default=1, metadata={"help": "machines serving one model (not available yet: only 1)"})
+    nnodes: int = field(default=1, metadata={"help": "machines serving one model (--tp-size ranks split evenly)"})
     node_rank: int = field(default=0, metadata={"help": "this machine's rank among --nnodes"})
     dist_init_addr: str | None = field(
         default=None, metadata={"help": "HOST:PORT of node 0, where the nodes meet (with --nnodes > 1)"}
@@ -214,13 +214,12 @@ class EngineConfig:
         )
         need(self.context_length is None or self.context_length >= 2, "--context-length must be >= 2")
         need(self.tp_size >= 1, "--tp-size must be >= 1")
-        need(
-            self.tp_size == 1,
-            f"--tp-size {self.tp_size}: tensor parallelism is not available yet; nextserve runs one GPU (the 80B "
-            "model fits one H200, or one H100 with --quantization fp8)",
-        )
         need(self.nnodes >= 1 and 0 <= self.node_rank < self.nnodes, "--node-rank must be in [0, --nnodes)")
-        need(self.nnodes == 1, f"--nnodes {self.nnodes}: multi-node serving is not available yet")
+        need(self.tp_size % self.nnodes == 0, f"--nnodes {self.nnodes} must divide --tp-size {self.tp_size}")
+        need(
+            self.nnodes == 1 or self.dist_init_addr is not None,
+            "--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address, where the nodes meet)",
+        )
         need(self.dtype in _DTYPES, f"--dtype must be one of {_DTYPES}")
         need(self.quantization in (None, "fp8"), f"--quantization {self.quantization!r}: only fp8 is supported")
         need(self.load_format in ("auto", "safetensors", "dummy"), "--load-format must be auto, safetensors or dummy")

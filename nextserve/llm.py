@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from nextserve.config import EngineConfig
-from nextserve.engine.engine import Engine
+from nextserve.engine.tp import make_engine
 from nextserve.outputs import RequestOutput
 from nextserve.sampling_params import SamplingParams
 
@@ -21,7 +21,7 @@ Prompt = str | list[int]
 
 class LLM:
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **engine_kwargs):
-        self.engine = Engine(config or EngineConfig.from_kwargs(model=model, **engine_kwargs))
+        self.engine = make_engine(config or EngineConfig.from_kwargs(model=model, **engine_kwargs))
         self._ids = itertools.count()
 
     @property

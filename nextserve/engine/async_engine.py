@@ -43,7 +43,9 @@ class AsyncEngine:
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> AsyncEngine:
-        return cls(Engine(EngineConfig.from_cli_args(args)))
+        from nextserve.engine.tp import make_engine
+
+        return cls(make_engine(EngineConfig.from_cli_args(args)))
 
     @property
     def tokenizer(self):

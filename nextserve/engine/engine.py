@@ -103,8 +103,12 @@ class PromptScores:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None, **kwargs):
+    def __init__(self, config: EngineConfig | None = None, *, ctx=None, comm=None, **kwargs):
+        """`ctx`, `comm`: this process's rank and communicator under tensor parallelism (engine/tp.py builds them;
+        None: one process holds the whole model)."""
         cfg = self.config = config or EngineConfig.from_kwargs(**kwargs)
+        self.ctx, self.comm = ctx, comm
+        tp = ctx.size if ctx is not None else 1
         self.device = resolve_device(cfg.device)
         if self.device.type == "cpu":
             _choose_cpu_threads()
@@ -120,12 +124,19 @@ class Engine:
         torch.manual_seed(cfg.seed)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            need = weight_bytes(self.model_config, self.dtype, cfg.speculative, self.quant)
+            need = weight_bytes(self.model_config, self.dtype, cfg.speculative, self.quant) // tp  # about: a rank's
             check_weights_fit(need, free, total, cfg.mem_fraction_static, self.dtype)
         try:
             if dummy:
                 self.model = build_dummy_model(
-                    self.model_config, self.dtype, self.device, cfg.speculative, self.quant, seed=cfg.seed
+                    self.model_config,
+                    self.dtype,
+                    self.device,
+                    cfg.speculative,
+                    self.quant,
+                    seed=cfg.seed,
+                    ctx=ctx,
+                    comm=comm,
                 )
             else:
                 self.model = load_model(
@@ -134,8 +145,10 @@ class Engine:
                     dtype=self.dtype,
                     device=self.device,
                     with_mtp=cfg.speculative,
-                    progress=not cfg.disable_tqdm,
+                    progress=not cfg.disable_tqdm and (ctx is None or ctx.rank == 0),
                     quant=self.quant,
+                    ctx=ctx,
+                    comm=comm,
                 )
         except WeightsError as e:
             if cfg.speculative and "mtp." in str(e):
@@ -145,7 +158,16 @@ class Engine:
             raise
         logger.info("nextserve weights: %s", weights_summary(self.model, dummy))
         self.capacity = self._plan_capacity()
-        logger.info("nextserve capacity: %s", self.capacity.describe())
+        if tp > 1:
+            logger.info(
+                "nextserve capacity per rank (x %d ranks: KV %.2f GiB, states %.2f GiB in all): %s",
+                tp,
+                tp * self.capacity.num_pages * self.capacity.page_bytes / 2**30,
+                tp * (self.capacity.num_slots + self.capacity.num_snapshot_slots) * self.capacity.slot_bytes / 2**30,
+                self.capacity.describe(),
+            )
+        else:
+            logger.info("nextserve capacity: %s", self.capacity.describe())
         self.kv_pool = KVPool(self.kv_layout, self.capacity.num_pages, self.device)
         self.state_pool = StatePool(
             self.state_layout,
@@ -234,8 +256,12 @@ class Engine:
             getattr(torch, self.config.mamba_ssm_dtype),
         )
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        budget = cache_budget_bytes(self.config, self.device, weight_bytes)
+        budget = self.agree_budget(cache_budget_bytes(self.config, self.device, weight_bytes))
         return plan_capacity(self.model_config, self.config, budget, self.kv_layout, self.state_layout)
+
+    def agree_budget(self, budget: int) -> int:
+        """The cache budget every rank plans with (tensor parallelism overrides this: the smallest of any rank)."""
+        return budget
 
     # ---- requests ------------------------------------------------------------------------------------------
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:

@@ -75,6 +75,11 @@ class DraftPolicy:
         self.samples: deque[tuple[int, float]] = deque(maxlen=64)  # (target tokens, seconds) of recent steps
         self.mtp_cost = 0.0
         self.last_choice: int | None = None
+        # Tensor parallelism: the leader records its observations (`take_observations`) and every follower
+        # `replay`s them instead of its own, so all ranks choose the same number of drafts.
+        self.record = False
+        self.follower = False
+        self._observations: list[tuple[int, float, float, int]] = []
 
     def observe_acceptance(self, num_drafts: int, num_accepted: int) -> None:
         for i in range(num_drafts):
@@ -84,6 +89,21 @@ class DraftPolicy:
             self.acc[i] = 0.95 * self.acc[i] + 0.05 * float(i < num_accepted)
 
     def observe_step(self, target_tokens: int, seconds: float, mtp_seconds: float, mtp_steps: int) -> None:
+        if self.follower:
+            return
+        if self.record:
+            self._observations.append((target_tokens, seconds, mtp_seconds, mtp_steps))
+        self._observe(target_tokens, seconds, mtp_seconds, mtp_steps)
+
+    def take_observations(self) -> list[tuple[int, float, float, int]]:
+        out, self._observations = self._observations, []
+        return out
+
+    def replay(self, observations: list[tuple[int, float, float, int]]) -> None:
+        for obs in observations:
+            self._observe(*obs)
+
+    def _observe(self, target_tokens: int, seconds: float, mtp_seconds: float, mtp_steps: int) -> None:
         self.samples.append((target_tokens, seconds))
         if mtp_steps:
             self.mtp_cost = (

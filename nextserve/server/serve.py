@@ -134,7 +134,7 @@ def build_server(engine: Any, args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from nextserve.config import EngineConfig
     from nextserve.engine.async_engine import AsyncEngine
-    from nextserve.engine.engine import Engine
+    from nextserve.engine.tp import make_engine, run_node
     from nextserve.server.parsers import get_reasoning_parser, get_tool_call_parser
 
     resolve_model_arg(args)
@@ -147,10 +147,15 @@ def run(args: argparse.Namespace) -> int:
     if args.tool_call_parser:
         get_tool_call_parser(args.tool_call_parser)
     config = EngineConfig.from_cli_args(args)
+    if config.node_rank > 0:
+        logger.info("nextserve: node %d of %d, following node 0 at %s", config.node_rank, config.nnodes,
+                    config.dist_init_addr)  # fmt: skip
+        run_node(config)
+        return 0
     sock = bind_socket(args.host, args.port)
     logger.info("nextserve: bound %s:%d; loading %s", args.host, sock.getsockname()[1], config.model or args.model)
     try:
-        engine = AsyncEngine(Engine(config))
+        engine = AsyncEngine(make_engine(config))
     except BaseException:
         sock.close()
         raise
