@@ -16,8 +16,8 @@ Contract.
   batch at once, without reading anything back to the host: xgrammar's C++ kernel on CPU (it skips all-ones words),
   a table unpack and one masked_fill on other devices (no Triton import).
 
-JSON is generated compact (json.dumps' ", " and ": " separators, no other whitespace): with free whitespace a weak
-model can loop on newlines and never close the value.
+JSON is generated compact (json.dumps' ", " and ": " separators, no other whitespace), also inside structural tags
+(tool-call arguments): with free whitespace a weak model can loop on newlines and never close the value.
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ logger = logging.getLogger(__name__)
 
 # Compiled grammars kept (least recently used dropped first); a JSON-schema grammar over a 152k vocabulary is ~1 MB.
 MAX_CACHED_GRAMMARS = 256
-# Whitespace allowed between JSON tokens inside a structural tag's JSON (tool-call arguments): bounded, see above.
-TAG_JSON_MAX_WHITESPACE = 2
 
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: ".
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
@@ -143,7 +141,8 @@ class GrammarCache:
                 return compiler.compile_grammar("root ::= " + " | ".join(_ebnf_literal(c) for c in spec.choice))
             if kind == "grammar":
                 return compiler.compile_grammar(spec.grammar)
-            return compiler.compile_structural_tag(spec.structural_tag)
+            tag = json.loads(spec.structural_tag) if isinstance(spec.structural_tag, str) else spec.structural_tag
+            return compiler.compile_structural_tag(_compact_json_in_tag(tag))
         except Exception as e:  # xgrammar raises RuntimeError from C++, its own errors, pydantic's, TypeError
             what = {"json": "JSON schema", "json_object": "JSON object grammar", "choice": "choice list"}.get(
                 kind, kind
@@ -170,6 +169,21 @@ def _bounded_strings_as_patterns(node: Any) -> Any:
         lo, hi = out.pop("minLength", 0), out.pop("maxLength", "")
         out["pattern"] = f"^[^\\x00-\\x1f]{{{lo},{hi}}}$"
     return out
+
+
+def _compact_json_in_tag(node: Any) -> Any:
+    """A copy of a structural tag whose JSON-schema contents (plain JSON style) are compact JSON grammars: xgrammar
+    lets a tag's JSON take any whitespace, and a weak model then loops on newlines (tool-call arguments)."""
+    import xgrammar as xgr
+
+    if isinstance(node, list):
+        return [_compact_json_in_tag(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "json_schema" and node.get("style", "json") == "json" and "json_schema" in node:
+        schema = json.dumps(_bounded_strings_as_patterns(node["json_schema"]))
+        return {"type": "grammar", "grammar": str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))}
+    return {k: _compact_json_in_tag(v) for k, v in node.items()}
 
 
 def _ebnf_literal(text: str) -> str:
