@@ -33,6 +33,17 @@ BASE = dict(
 )
 
 
+# Splits two and four ways (TP tests): value heads 3x key heads, KV heads split at TP2 and replicated at TP4.
+TP_V3K = dict(
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    linear_num_key_heads=4,
+    linear_num_value_heads=12,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+)
+
+
 def tiny_config(**overrides) -> dict:
     d = dict(BASE)
     d.update(overrides)

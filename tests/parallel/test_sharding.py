@@ -5,7 +5,7 @@ the multi-node numbering."""
 
 import pytest
 import torch
-from tiny import hf_model, mtp_tensors, per_expert, tiny_config, write_tiny_checkpoint
+from tiny import TP_V3K, hf_model, mtp_tensors, per_expert, tiny_config, write_tiny_checkpoint
 
 from nextserve.layers.quant import Fp8Config
 from nextserve.layers.shard import Split, Take
@@ -17,15 +17,7 @@ from nextserve.models.qwen3_next import Qwen3NextForCausalLM
 from nextserve.models.sharding import check_tp_size
 from nextserve.parallel import Communicator, ParallelConfig, ParallelContext
 
-CFG = tiny_config(
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    linear_num_key_heads=4,
-    linear_num_value_heads=12,
-    moe_intermediate_size=32,
-    shared_expert_intermediate_size=32,
-    num_nextn_predict_layers=1,
-)
+CFG = tiny_config(**TP_V3K, num_nextn_predict_layers=1)
 CPU = torch.device("cpu")
 
 

@@ -7,7 +7,7 @@ One process group per TP degree runs every case (spawning costs more than the ti
 
 import pytest
 import torch
-from tiny import tiny_config, write_tiny_checkpoint
+from tiny import TP_V3K, tiny_config, write_tiny_checkpoint
 
 from .tp_worker import build, drive, run_tp
 
@@ -19,14 +19,7 @@ KV1 = tiny_config(
     mlp_only_layers=[0],
     tie_word_embeddings=True,
 )
-V3K = tiny_config(
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    linear_num_key_heads=4,
-    linear_num_value_heads=12,
-    moe_intermediate_size=32,
-    shared_expert_intermediate_size=32,
-)
+V3K = tiny_config(**TP_V3K)
 
 
 @pytest.fixture(scope="module")
