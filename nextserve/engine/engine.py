@@ -496,9 +496,14 @@ class Engine:
         grammar_done = False
         if seq.grammar is not None:
             if not seq.grammar.accept(token):
-                # Only when another constraint forbade every token the grammar allowed (min_tokens masking EOS
-                # once the grammar is complete): the output cannot continue.
-                logger.warning("request %s: the grammar refused token %d; finishing", seq.request.request_id, token)
+                # Only when no token was allowed: another constraint forbade the ones the grammar allowed
+                # (min_tokens masking EOS once the grammar is complete), or the tokenizer cannot spell what the
+                # grammar needs (a synthetic one). The output cannot continue.
+                logger.warning(
+                    "request %s: token %d is outside its grammar (nothing was allowed); finishing",
+                    seq.request.request_id,
+                    token,
+                )
                 grammar_done = True
             else:
                 grammar_done = seq.grammar.terminated

@@ -86,6 +86,33 @@ def test_unconstrained_neighbour_is_unchanged(llm):
     llm.engine.check_integrity()
 
 
+def test_start_after_leaves_the_output_free_until_that_token(llm):
+    """The server's thinking rule end to end: the unconstrained greedy output up to (and with) the start token is
+    unchanged, and what follows matches the constraint. The start token is one the model writes by itself."""
+    tok = llm.engine.tokenizer
+    free = llm.generate(["ROMEO:"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
+    i, t = next(
+        (i, t)
+        for i, t in enumerate(free.token_ids)
+        if i >= 2 and tok.encode(tok.decode([t]), add_special_tokens=False) == [t]
+    )
+    spec = StructuredOutput(choice=["yes", "no"], start_after=tok.decode([t]))
+    c = llm.generate(["ROMEO:"], SamplingParams(temperature=0, max_tokens=40, structured=spec))[0].outputs[0]
+    first = free.token_ids.index(t)  # the first occurrence starts the grammar
+    assert c.token_ids[: first + 1] == free.token_ids[: first + 1]
+    assert tok.decode(c.token_ids[first + 1 :], skip_special_tokens=True) in ("yes", "no") and c.finish_reason == "stop"
+    assert i >= first
+
+
+def test_n_samples_each_have_a_matcher(llm):
+    spec = StructuredOutput(json=SCHEMAS[0])
+    out = llm.generate(["ROMEO:"], SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=200, structured=spec))[0]
+    texts = [c.text for c in out.outputs]
+    for text in texts:
+        validate(json.loads(text), SCHEMAS[0])
+    assert len(set(texts)) > 1
+
+
 def test_grammar_end_finishes_even_with_ignore_eos(llm):
     p = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True, structured=StructuredOutput(choice=["yes"]))
     c = llm.generate(["ROMEO:"], p)[0].outputs[0]
