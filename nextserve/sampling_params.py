@@ -42,7 +42,8 @@ class StructuredOutput:
     structural_tag  an xgrammar structural tag (dict or JSON text), e.g. tool calls between tags
 
     `start_after`: the constraint applies only after this token (its text, e.g. "</think>": the reasoning block of a
-    thinking model is free, the answer is constrained); before it the output is unconstrained. It must be one token.
+    thinking model is free, the answer is constrained), and up to two newlines may come first; before it the output
+    is unconstrained. It must be one token.
     """
 
     json: dict[str, Any] | bool | str | None = None
@@ -83,16 +84,17 @@ class StructuredOutput:
             return "json_object"
         return next(n for n in ("json", "regex", "choice", "grammar", "structural_tag") if getattr(self, n) is not None)
 
-    def key(self) -> tuple[str, str]:
-        """(kind, spec as text): what a compiled grammar is cached by. JSON keeps its key order (the order in which
-        a schema's properties are generated), so equal schemas written in another order compile separately."""
+    def key(self) -> tuple[str, str, str | None]:
+        """(kind, spec as text, start_after): what a compiled grammar is cached by. JSON keeps its key order (the
+        order in which a schema's properties are generated), so equal schemas written in another order compile
+        separately."""
         kind = self.kind
         spec: Any = {"json_object": True}.get(kind, getattr(self, kind))
         if isinstance(spec, str):
             text = spec
         else:
             text = json.dumps(list(spec) if kind == "choice" else spec, ensure_ascii=False, separators=(",", ":"))
-        return kind, text
+        return kind, text, self.start_after
 
 
 @dataclass

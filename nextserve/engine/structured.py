@@ -3,15 +3,15 @@
 Contract.
 - `GrammarCache(tokenizer, vocab_size, stop_ids)` compiles a `StructuredOutput` (JSON schema, JSON object, regex,
   choice, EBNF, structural tag) against the tokenizer on a small thread pool, never on the engine loop, and caches
-  the result by `StructuredOutput.key()` (kind, spec text). `submit` returns a Future (identical specs in flight
-  share one compilation); `get` waits for it. A spec xgrammar cannot compile raises `GrammarError` (a ValueError)
-  naming the problem; failures are not cached. xgrammar is imported, and the tokenizer's vocabulary read
-  (`TokenizerInfo`, vocabulary size = the model's padded one, stop ids = the engine's EOS ids), on first use.
+  the result by `StructuredOutput.key()` (kind, spec text, start_after). `submit` returns a Future (identical specs
+  in flight share one compilation); `get` waits for it. A spec xgrammar cannot compile raises `GrammarError` (a
+  ValueError) naming the problem; failures are not cached. xgrammar is imported, and the tokenizer's vocabulary
+  read (`TokenizerInfo`, vocabulary size = the model's padded one, stop ids = the engine's EOS ids), on first use.
 - `GrammarState` is one sequence's matcher. `accept(token)` advances it by a committed token (the engine's process
   half, for every appended token); `fill(bitmask, row, pending)` writes the tokens allowed after the committed
   tokens plus `pending` (drafts not verified yet) into one row of the batch's bitmask, then rolls the matcher back
   over `pending`, so rejected drafts never reach the committed state. With `start_after` (e.g. `</think>`) the
-  output is free until that token, and the grammar applies to what follows it.
+  output is free until that token, and the grammar (after up to two newlines) applies to what follows it.
 - `apply_token_bitmask(logits, bitmask)` sets the logits of disallowed tokens to -inf in place, for the whole
   batch at once, without reading anything back to the host: xgrammar's C++ kernel on CPU (it skips all-ones words),
   a table unpack and one masked_fill on other devices (no Triton import).
@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 # Compiled grammars kept (least recently used dropped first); a JSON-schema grammar over a 152k vocabulary is ~1 MB.
 MAX_CACHED_GRAMMARS = 256
 
+# What may come between a `start_after` token and the constrained output: up to two newlines.
+_AFTER_START = 'root ::= "" | "\\n" | "\\n\\n"'
+
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: ".
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
@@ -62,7 +65,7 @@ class GrammarCache:
         self._compiler: xgrammar.GrammarCompiler | None = None
         self._lock = threading.Lock()  # the cache
         self._compiler_lock = threading.Lock()  # building the compiler (seconds for a large vocabulary)
-        self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, str | None], Future] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nextserve-grammar")
 
     def submit(self, spec: StructuredOutput) -> Future:
@@ -105,7 +108,7 @@ class GrammarCache:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- the pool's side -----------------------------------------------------------------------------------
-    def _forget_failed(self, key: tuple[str, str], fut: Future) -> None:
+    def _forget_failed(self, key: tuple[str, str, str | None], fut: Future) -> None:
         if not fut.cancelled() and fut.exception() is None:
             return
         with self._lock:
@@ -126,23 +129,31 @@ class GrammarCache:
             return self._compiler
 
     def _compile(self, spec: StructuredOutput) -> xgrammar.CompiledGrammar:
+        import xgrammar as xgr
+
         compiler = self._xgr_compiler()
         kind = spec.kind
         try:
-            if kind == "json":
-                schema = json.loads(spec.json) if isinstance(spec.json, str) else spec.json
-                return compiler.compile_json_schema(_bounded_strings_as_patterns(schema), any_whitespace=False)
-            if kind == "json_object":
-                return compiler.compile_json_schema({"type": "object"}, any_whitespace=False)
-            if kind == "regex":
-                return compiler.compile_regex(spec.regex)
-            if kind == "choice":
+            if kind in ("json", "json_object"):
+                schema = {"type": "object"} if kind == "json_object" else spec.json
+                schema = json.loads(schema) if isinstance(schema, str) else schema
+                text = json.dumps(_bounded_strings_as_patterns(schema))
+                grammar = xgr.Grammar.from_json_schema(text, any_whitespace=False)
+            elif kind == "regex":
+                grammar = xgr.Grammar.from_regex(spec.regex)
+            elif kind == "choice":
                 # EBNF string literals take JSON's escapes.
-                return compiler.compile_grammar("root ::= " + " | ".join(_ebnf_literal(c) for c in spec.choice))
-            if kind == "grammar":
-                return compiler.compile_grammar(spec.grammar)
-            tag = json.loads(spec.structural_tag) if isinstance(spec.structural_tag, str) else spec.structural_tag
-            return compiler.compile_structural_tag(_compact_json_in_tag(tag))
+                grammar = xgr.Grammar.from_ebnf("root ::= " + " | ".join(_ebnf_literal(c) for c in spec.choice))
+            elif kind == "grammar":
+                grammar = xgr.Grammar.from_ebnf(spec.grammar)
+            else:
+                tag = json.loads(spec.structural_tag) if isinstance(spec.structural_tag, str) else spec.structural_tag
+                grammar = xgr.Grammar.from_structural_tag(json.dumps(_compact_json_in_tag(tag)))
+            if spec.start_after is not None:
+                # After `</think>` a model writes "\n\n" before its answer (the chat template's own layout); allow
+                # it rather than force the answer's first character right after the tag.
+                grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf(_AFTER_START), grammar)
+            return compiler.compile_grammar(grammar)
         except Exception as e:  # xgrammar raises RuntimeError from C++, its own errors, pydantic's, TypeError
             what = {"json": "JSON schema", "json_object": "JSON object grammar", "choice": "choice list"}.get(
                 kind, kind
