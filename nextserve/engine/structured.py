@@ -41,8 +41,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Compiled grammars kept (least recently used dropped first); a JSON-schema grammar over a 152k vocabulary is ~1 MB.
-MAX_CACHED_GRAMMARS = 256
+# Compiled grammars kept (least recently used dropped first). Each holds token masks per grammar state, up to a few MB
+# over a 152k vocabulary, so the bound also bounds host memory.
+MAX_CACHED_GRAMMARS = 128
 
 # What may come between a `start_after` token and the constrained output: up to two newlines.
 _AFTER_START = 'root ::= "" | "\\n" | "\\n\\n"'
