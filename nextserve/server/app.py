@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP app: routes, authentication, errors, and the one way requests reach the engine.
 
-`build_app(engine, ...)` serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}],
+`build_app(engine, ...)` serves POST /v1/chat/completions, POST /v1/completions, POST /v1/responses (and GET
+/v1/responses/{id}, shaped in responses.py), GET /v1/models[/{id}],
 GET /health and GET /metrics over any object with the `AsyncEngine` surface (tokenizer, max_model_len,
 generation_defaults, generate, abort, stats). Contracts:
 
@@ -32,7 +33,7 @@ from starlette.requests import ClientDisconnect
 
 from nextserve.outputs import RequestOutput
 from nextserve.sampling_params import SamplingParams, StructuredOutput
-from nextserve.server import chat
+from nextserve.server import chat, responses
 from nextserve.server.metrics import ServerMetrics
 from nextserve.server.parsers import get_reasoning_parser, get_tool_call_parser
 from nextserve.server.protocol import (
@@ -48,11 +49,12 @@ from nextserve.server.protocol import (
     sse,
     usage,
 )
+from nextserve.server.responses_request import ResponsesRequest
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-R = TypeVar("R", ChatCompletionRequest, CompletionRequest)
+R = TypeVar("R", ChatCompletionRequest, CompletionRequest, ResponsesRequest)
 
 _STATUS_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed"}
 
@@ -86,6 +88,7 @@ class _Server:
         self.tool_cls = get_tool_call_parser(tool_call_parser) if _on(tool_call_parser) else None
         self.metrics = ServerMetrics(engine.stats)
         self.token_text = TokenText(self.tokenizer)
+        self.responses = responses.ResponseStore()  # for /v1/responses' previous_response_id
         self.created = now()
 
     def check_model(self, model: str | None) -> None:
@@ -287,21 +290,35 @@ async def _completions(srv: _Server, request: Request, req: CompletionRequest) -
         srv.generate(f"{rid}-{i}", ids, p, structured_param=field) for i, (ids, p) in enumerate(zip(prompts, params))
     ]
     want_logprobs = req.logprobs is not None
+    # echo: each choice's text starts with its prompt as sent (token-id prompts decoded), and its logprobs with
+    # the prompt's tokens (the first unscored), as OpenAI's legacy API and vLLM return them.
+    echoes = [(p if isinstance(p, str) else tok.decode(p)) if req.echo else "" for p in req.prompts()]
 
-    def logprobs_of(o: Any, start: int, offset: int) -> dict[str, Any] | None:
-        if not want_logprobs or o.logprobs is None:
+    def logprobs_of(final: RequestOutput, o: Any, start: int, offset: int, echo: bool) -> dict[str, Any] | None:
+        if not want_logprobs or (o.logprobs is None and not echo):
             return None
-        return srv.token_text.completion_logprobs(o.logprobs[start:], offset, as_ids=req.return_tokens_as_token_ids)
+        entries: list[Any] = (o.logprobs or [])[start:]  # None: no token yet (max_tokens 0)
+        if echo:
+            assert final.prompt_logprobs is not None, "echo + logprobs asked the engine for prompt_logprobs"
+            entries = [final.prompt_token_ids[0], *final.prompt_logprobs[1:], *entries]
+        return srv.token_text.completion_logprobs(entries, offset, as_ids=req.return_tokens_as_token_ids)
+
+    def prompt_logprobs_of(final: RequestOutput) -> dict[str, Any]:
+        # vLLM's extension, on every choice of a prompt whose scores were computed (prompt_logprobs or echo).
+        if final.prompt_logprobs is None:
+            return {}
+        return {"prompt_logprobs": srv.token_text.prompt_logprobs(final.prompt_logprobs)}
 
     if not req.stream:
         finals = await _unless_disconnected(request, _all_last(streams))
         choices = [
             {
                 "index": p * req.n + o.index,
-                "text": o.text,
-                "logprobs": logprobs_of(o, 0, 0),
+                "text": echoes[p] + o.text,
+                "logprobs": logprobs_of(final, o, 0, 0, req.echo),
                 "finish_reason": o.finish_reason,
                 "stop_reason": o.stop_reason,
+                **prompt_logprobs_of(final),
             }
             for p, final in enumerate(finals)
             for o in sorted(final.outputs, key=lambda o: o.index)
@@ -315,14 +332,20 @@ async def _completions(srv: _Server, request: Request, req: CompletionRequest) -
             finals[p] = out
             for o in out.outputs:
                 index = p * req.n + o.index
+                echo = req.echo and index not in sent  # the prompt goes out with the choice's first chunk
                 chars, tokens, offset = sent.get(index, (0, 0, 0))
                 if chars < 0:
                     continue  # this choice already finished
-                lp = logprobs_of(o, tokens, offset)
+                if echo and want_logprobs and len(out.prompt_logprobs or ()) < len(out.prompt_token_ids):
+                    # With n > 1 another sample can start before the one that scores the prompt is prefilled:
+                    # hold this choice back until the scores are complete (outputs are cumulative).
+                    continue
+                lp = logprobs_of(out, o, tokens, offset, echo)
                 if lp is not None:
                     offset += sum(len(t) for t in lp["tokens"])
                 sent[index] = (-1 if o.finished else len(o.text), len(o.token_ids), offset)
-                choice = {"index": index, "text": o.text[chars:], "logprobs": lp, "finish_reason": o.finish_reason}
+                text = (echoes[p] if echo else "") + o.text[chars:]
+                choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": o.finish_reason}
                 if o.finished:
                     choice["stop_reason"] = o.stop_reason
                 elif not choice["text"] and lp is None:
@@ -374,7 +397,20 @@ async def _chat_completions(srv: _Server, request: Request, req: ChatCompletionR
     if req.stream:
         return await _event_stream(request, outputs, lambda outs: chat.chat_stream(job, outs))
     final = await _unless_disconnected(request, _last(outputs))
-    return JSONResponse(chat.chat_response(job, final))
+    body = chat.chat_response(job, final)
+    if final.prompt_logprobs is not None:
+        body["prompt_logprobs"] = srv.token_text.prompt_logprobs(final.prompt_logprobs)  # vLLM's extension
+    return JSONResponse(body)
+
+
+# ---- the Responses API (shaped in responses.py) ----------------------------------------------------------------
+async def _responses(srv: _Server, request: Request, req: ResponsesRequest) -> Response:
+    job, params = responses.start(srv, req)
+    outputs = srv.generate(job.response_id, job.prompt_ids, params, prompt_param="input")
+    if req.stream:
+        return await _event_stream(request, outputs, job.stream)
+    final = await _unless_disconnected(request, _last(outputs))
+    return JSONResponse(job.response(final))
 
 
 # ---- the app ------------------------------------------------------------------------------------------------
@@ -413,6 +449,14 @@ def build_app(
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
         return await answer(request, CompletionRequest, lambda req: _completions(srv, request, req))
+
+    @v1.post("/responses")
+    async def create_response(request: Request) -> Response:
+        return await answer(request, ResponsesRequest, lambda req: _responses(srv, request, req))
+
+    @v1.get("/responses/{response_id}")
+    async def get_response(response_id: str) -> dict[str, Any]:
+        return srv.responses.get(response_id).body
 
     def model_card() -> dict[str, Any]:
         return {

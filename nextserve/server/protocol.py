@@ -236,6 +236,8 @@ class _SamplingRequest(_Strict):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM's extension: log-probabilities of the prompt tokens, with this many alternatives each.
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
     def _supported(self) -> _SamplingRequest:
@@ -250,6 +252,9 @@ class _SamplingRequest(_Strict):
             guided.remove("response_format")
         if len(guided) > 1:
             raise FieldError(f"only one of {', '.join(guided)} may be set", param=guided[1])
+        if self.prompt_logprobs is not None and self.stream:
+            # As vLLM: the prompt's scores come in one piece, there is nothing to stream.
+            raise FieldError("prompt_logprobs is not available with stream=true", param="prompt_logprobs")
         return self
 
     def structured_output(self) -> tuple[StructuredOutput, str] | None:
@@ -287,6 +292,9 @@ class _SamplingRequest(_Strict):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def wanted_prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs
+
     def sampling_params(
         self, max_tokens: int, logprobs: int | None, structured: StructuredOutput | None = None
     ) -> SamplingParams:
@@ -308,6 +316,7 @@ class _SamplingRequest(_Strict):
                 stop_token_ids=self.stop_token_ids,
                 ignore_eos=self.ignore_eos,
                 logprobs=logprobs,
+                prompt_logprobs=self.wanted_prompt_logprobs(),
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 structured=structured,
@@ -374,6 +383,8 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+    # 0 scores the prompt only (with echo + logprobs: lm-evaluation-harness' loglikelihood requests).
+    max_tokens: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -382,8 +393,6 @@ class CompletionRequest(_SamplingRequest):
 
     @model_validator(mode="after")
     def _completion_supported(self) -> CompletionRequest:
-        if self.echo:
-            raise FieldError("echo=true is not supported", param="echo")
         if self.suffix:
             raise FieldError("suffix is not supported", param="suffix")
         prompts = self.prompts()
@@ -393,6 +402,12 @@ class CompletionRequest(_SamplingRequest):
             raise FieldError("prompt token ids must be non-negative", param="prompt")
         return self
 
+    def wanted_prompt_logprobs(self) -> int | None:
+        # echo + logprobs returns the prompt's tokens with their logprobs too, as OpenAI's legacy API did.
+        if self.prompt_logprobs is None and self.echo:
+            return self.logprobs
+        return self.prompt_logprobs
+
     def prompts(self) -> list[str | list[int]]:
         """The batch: one string or token-id list per prompt."""
         p = self.prompt
@@ -401,7 +416,7 @@ class CompletionRequest(_SamplingRequest):
         return list(p)
 
 
-RequestT = TypeVar("RequestT", bound=_SamplingRequest)
+RequestT = TypeVar("RequestT", bound=_Strict)
 
 # Names pydantic puts in an error location for the branch of a union; they are not request fields.
 _BRANCH_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -517,25 +532,57 @@ class TokenText:
         return out
 
     def completion_logprobs(
-        self, entries: list[TokenLogprob], text_offset: int, as_ids: bool = False
+        self, entries: list[TokenLogprob | int], text_offset: int, as_ids: bool = False
     ) -> dict[str, Any]:
         """OpenAI text-completion `logprobs`; offsets count from `text_offset` (where this piece starts).
+        A bare token id is a token nothing scored (the first prompt token under echo): null logprob and top.
         With `as_ids`, tokens are spelled "token_id:<id>" (vLLM's return_tokens_as_token_ids)."""
-        tokens, values, tops, offsets = [], [], [], []
+        tokens: list[str] = []
+        values: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
 
         def name(tid: int) -> str:
             return f"token_id:{tid}" if as_ids else self(tid)[0]
 
         for e in entries:
-            text = self(e.token_id)[0]
-            tokens.append(name(e.token_id))
-            values.append(e.logprob)
-            top = {name(tid): lp for tid, lp in e.top}
-            top.setdefault(name(e.token_id), e.logprob)  # "the most likely tokens, as well as the chosen one"
-            tops.append(top)
+            tid = e if isinstance(e, int) else e.token_id
+            tokens.append(name(tid))
             offsets.append(text_offset)
-            text_offset += len(text)
+            text_offset += len(self(tid)[0])
+            if isinstance(e, int):
+                values.append(None)
+                tops.append(None)
+                continue
+            values.append(_finite(e.logprob))
+            top = {name(t): _finite(lp) for t, lp in e.top}
+            top.setdefault(name(tid), _finite(e.logprob))  # "the most likely tokens, as well as the chosen one"
+            tops.append(top)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def prompt_logprobs(self, entries: list[TokenLogprob | None]) -> list[dict[str, dict[str, Any]] | None]:
+        """vLLM's `prompt_logprobs`: per prompt token null (the first) or {token id: {logprob, rank,
+        decoded_token}}, the prompt's own token first, then the top alternatives (rank 1 = most likely). The
+        prompt token's rank is null when it is not among the alternatives (the engine does not rank the rest)."""
+        out: list[dict[str, dict[str, Any]] | None] = []
+        for e in entries:
+            if e is None:
+                out.append(None)
+                continue
+            ranks = {tid: r for r, (tid, _) in enumerate(e.top, start=1)}
+            entry = {str(e.token_id): self._scored(e.token_id, e.logprob, ranks.get(e.token_id))}
+            for tid, lp in e.top:
+                entry.setdefault(str(tid), self._scored(tid, lp, ranks[tid]))
+            out.append(entry)
+        return out
+
+    def _scored(self, token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": _finite(logprob), "rank": rank, "decoded_token": self(token_id)[0]}
+
+
+def _finite(logprob: float) -> float:
+    # JSON has no -Infinity: OpenAI (and vLLM) send -9999.0 for a token the model rules out.
+    return max(logprob, -9999.0)
 
 
 def _byte_level_decoder() -> dict[str, int]:

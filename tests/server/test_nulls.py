@@ -22,6 +22,7 @@ SHARED_NULLS = [
     "model", "n", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "min_p",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "stop", "stop_token_ids", "min_tokens",
     "ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "logit_bias", "best_of", "user",
+    "prompt_logprobs",
 ]  # fmt: skip
 CHAT_NULLS = [
     "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
@@ -40,7 +41,7 @@ def _defaults(engine: FakeEngine, rid: str) -> None:
     p = engine.records[rid].params
     assert (p.n, p.temperature, p.top_p, p.top_k, p.seed, p.min_tokens) == (1, None, None, None, None, 0)
     assert (p.presence_penalty, p.frequency_penalty, p.stop, p.stop_token_ids) == (0.0, 0.0, [], [])
-    assert (p.ignore_eos, p.skip_special_tokens, p.logprobs) == (False, True, None)
+    assert (p.ignore_eos, p.skip_special_tokens, p.logprobs, p.prompt_logprobs) == (False, True, None, None)
 
 
 def test_chat_all_nulls(http: httpx.Client, engine: FakeEngine) -> None:
@@ -102,7 +103,8 @@ PARAM_CASES = [
     ("negative token id", COMPLETIONS, {"prompt": [3, -1]}, "prompt"),
     ("empty prompt", COMPLETIONS, {"prompt": ""}, "prompt"),
     ("suffix", COMPLETIONS, {"prompt": "x", "suffix": "end"}, "suffix"),
-    ("echo", COMPLETIONS, {"prompt": "x", "echo": True}, "echo"),
+    ("prompt_logprobs with stream", CHAT, {"messages": USER, "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ("prompt_logprobs above 20", COMPLETIONS, {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
     ("best_of", COMPLETIONS, {"prompt": "x", "best_of": 3}, "best_of"),
     ("logit_bias", CHAT, {"messages": USER, "logit_bias": {"5": 10}}, "logit_bias"),
     ("response_format", CHAT, {"messages": USER, "response_format": {"type": "json_schema"}}, "response_format"),
