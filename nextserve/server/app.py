@@ -405,8 +405,10 @@ async def _chat_completions(srv: _Server, request: Request, req: ChatCompletionR
 
 # ---- the Responses API (shaped in responses.py) ----------------------------------------------------------------
 async def _responses(srv: _Server, request: Request, req: ResponsesRequest) -> Response:
-    job, params = responses.start(srv, req)
-    outputs = srv.generate(job.response_id, job.prompt_ids, params, prompt_param="input")
+    job, params, structured_param = responses.start(srv, req)
+    outputs = srv.generate(
+        job.response_id, job.prompt_ids, params, prompt_param="input", structured_param=structured_param
+    )
     if req.stream:
         return await _event_stream(request, outputs, job.stream)
     final = await _unless_disconnected(request, _last(outputs))

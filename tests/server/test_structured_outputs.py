@@ -297,3 +297,28 @@ def test_conflicting_constraints_are_400(fake):
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model=MODEL, messages=USER, response_format={"type": "json_schema"})
     assert e.value.body["param"] == "response_format"
+
+
+def test_responses_text_format_and_forced_tool(client):
+    """/v1/responses: text.format json_schema is enforced like chat's response_format, tool_choice too."""
+    fmt = {"type": "json_schema", "name": "s0", "schema": SCHEMAS[0], "strict": True}
+    for seed in range(3):
+        r = client.responses.create(
+            model=MODEL, input="Speak, ROMEO.", text={"format": fmt}, temperature=1.0, max_output_tokens=400,
+            extra_body={"seed": seed},
+        )  # fmt: skip
+        validate(json.loads(r.output_text), SCHEMAS[0])
+    tool = {"type": "function", **TOOLS[0]["function"]}
+    r = client.responses.create(
+        model=MODEL, input="Weather?", tools=[tool], tool_choice="required", parallel_tool_calls=False,
+        temperature=1.0, max_output_tokens=400,
+    )  # fmt: skip
+    calls = [item for item in r.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather"
+    validate(json.loads(calls[0].arguments), PARAMS["get_weather"])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(
+            model=MODEL, input="x", max_output_tokens=8,
+            text={"format": {"type": "json_schema", "name": "b", "schema": {"type": "objectx"}}},
+        )  # fmt: skip
+    assert "objectx" in e.value.message and e.value.body["param"] == "text.format"
