@@ -1,10 +1,11 @@
 """nextserve: a small, correct and fast inference and serving engine for Qwen3-Next.
 
-Public surface: `LLM` and `SamplingParams` for offline use; `nextserve` / `python -m nextserve` for the CLI.
+Public surface: `LLM` and `SamplingParams` (with `StructuredOutput` for guided decoding) for offline use;
+`nextserve` / `python -m nextserve` for the CLI.
 """
 
 from nextserve.outputs import CompletionOutput, RequestOutput
-from nextserve.sampling_params import SamplingParams
+from nextserve.sampling_params import SamplingParams, StructuredOutput
 
 
 def __getattr__(name: str):
@@ -16,4 +17,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutput", "RequestOutput", "CompletionOutput"]

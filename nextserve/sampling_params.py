@@ -4,11 +4,16 @@
 that a model's generation_config.json may set (temperature, top_p, top_k, min_p, repetition_penalty) default
 to None, meaning "not set by the user"; `resolved(defaults)` fills them from that config and then from vLLM's
 neutral values, and the sampler only accepts resolved params. `stop` and `stop_token_ids` become lists.
+
+`StructuredOutput` (the `structured` field) constrains the output to a JSON schema, any JSON object, a regex, one of
+several strings, an EBNF grammar or an xgrammar structural tag (vLLM's `StructuredOutputsParams`); the engine
+compiles it with xgrammar (`engine/structured.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +28,73 @@ _NEUTRAL: dict[str, float | int] = {
 
 MAX_LOGPROBS = 20
 _GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the output must match: exactly one of the constraint fields, vLLM's names.
+
+    json            a JSON schema (dict or JSON text); the output is one JSON value of that schema
+    json_object     True: any JSON object
+    regex           a regular expression the whole output matches
+    choice          the output is exactly one of these strings
+    grammar         an EBNF grammar (xgrammar's dialect, GBNF-like, root rule `root`)
+    structural_tag  an xgrammar structural tag (dict or JSON text), e.g. tool calls between tags
+
+    `start_after`: the constraint applies only after this token (its text, e.g. "</think>": the reasoning block of a
+    thinking model is free, the answer is constrained), and up to two newlines may come first; before it the output
+    is unconstrained. It must be one token.
+    """
+
+    json: dict[str, Any] | bool | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | tuple[str, ...] | None = None
+    grammar: str | None = None
+    structural_tag: dict[str, Any] | str | None = None
+    start_after: str | None = None
+
+    def __post_init__(self) -> None:
+        def fail(msg: str) -> None:
+            raise ValueError(f"invalid structured output: {msg}")
+
+        given = [n for n in ("json", "regex", "choice", "grammar", "structural_tag") if getattr(self, n) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            fail(f"exactly one of json, json_object, regex, choice, grammar, structural_tag must be set, got {given}")
+        if self.choice is not None:
+            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                fail("choice must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        for name in ("json", "structural_tag"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    json.loads(value)
+                except ValueError as e:
+                    fail(f"{name} is not valid JSON: {e}")
+        for name in ("regex", "grammar", "start_after"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                fail(f"{name} must be a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        if self.json_object:
+            return "json_object"
+        return next(n for n in ("json", "regex", "choice", "grammar", "structural_tag") if getattr(self, n) is not None)
+
+    def key(self) -> tuple[str, str, str | None]:
+        """(kind, spec as text, start_after): what a compiled grammar is cached by. JSON keeps its key order (the
+        order in which a schema's properties are generated), so equal schemas written in another order compile
+        separately."""
+        kind = self.kind
+        spec: Any = {"json_object": True}.get(kind, getattr(self, kind))
+        if isinstance(spec, str):
+            text = spec
+        else:
+            text = json.dumps(list(spec) if kind == "choice" else spec, ensure_ascii=False, separators=(",", ":"))
+        return kind, text, self.start_after
 
 
 @dataclass
@@ -49,6 +121,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Guided decoding: the output must match this (a JSON schema, regex, ...). None: free text.
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -97,6 +171,8 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not isinstance(t, int) or t < 0:
                 fail(f"stop_token_ids must be non-negative integers, got {t!r}")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            fail(f"structured must be a StructuredOutput, got {type(self.structured).__name__}")
 
     def resolved(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
         """A copy with every unset field taken from `defaults` (generation_config.json keys), then neutral.

@@ -9,6 +9,11 @@ to set beside `bench model`'s decode at batch = --num-prompts. `--no-loop` skips
 models). `--compare-model` also times, in the same run and on the same model, what `bench model` times: one decode
 step of the batch at the mid-generation context (input_len + output_len / 2), without the engine around it, and
 prints the engine's share of it (on a GPU, leave memory for its pools: e.g. --mem-fraction-static 0.6).
+
+`--json-schema-fraction F` measures what guided decoding costs instead: the same batch is generated with no
+constraint and with a fraction F of its requests constrained by a JSON schema (records of a nested object, enough of
+them that the JSON cannot end before --output-len, so both batches generate the same tokens), alternately
+--repeats times; it prints each run and the median ratio of constrained to unconstrained throughput (pair by pair).
 """
 
 from __future__ import annotations
@@ -36,7 +41,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also time bench model's decode step of the same batch and context on the same model, and print the ratio",
     )
+    parser.add_argument(
+        "--json-schema-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of the batch constrained by a JSON schema; > 0 compares against the unconstrained batch",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="alternating runs of each batch (--json-schema-fraction)"
+    )
     EngineConfig.add_cli_args(parser)
+
+
+# Never complete before thousands of tokens, so constrained requests run --output-len tokens like the others.
+BENCH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "records": {
+            "type": "array",
+            "minItems": 1000,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 12},
+                    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                    "role": {"enum": ["king", "queen", "fool", "ghost"]},
+                    "alive": {"type": "boolean"},
+                },
+                "required": ["name", "age", "role", "alive"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["records"],
+    "additionalProperties": False,
+}
 
 
 def _counts(text: str) -> list[int]:
@@ -52,8 +91,11 @@ def _counts(text: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     from nextserve.llm import LLM
 
+    if not 0 <= args.json_schema_fraction <= 1:
+        raise SystemExit("--json-schema-fraction must be in [0, 1]")
     llm = LLM(config=EngineConfig.from_cli_args(args).with_updates(disable_tqdm=True))
-    results = [measure(llm, args, n) for n in args.num_prompts]
+    bench = measure_guided if args.json_schema_fraction > 0 else measure
+    results = [bench(llm, args, n) for n in args.num_prompts]
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(results[0] if len(results) == 1 else results, f, indent=2)
@@ -143,3 +185,55 @@ def compare_model(llm, args: argparse.Namespace, batch: int, decode_tok_s: float
         f"LLM.generate reaches {ratio:.0%} of it"
     )
     return {"model_decode_tok_s": round(point["tokens_per_s"], 1), "generate_over_model": round(ratio, 3)}
+
+
+def measure_guided(llm, args: argparse.Namespace, num_prompts: int) -> dict:
+    """One batch size: unconstrained vs a fraction constrained by BENCH_SCHEMA, alternating runs."""
+    import dataclasses
+    import statistics
+
+    import torch
+
+    from nextserve.sampling_params import SamplingParams, StructuredOutput
+
+    g = torch.Generator().manual_seed(args.prompt_seed)
+    vocab = len(llm.tokenizer)
+    prompts = [torch.randint(0, vocab, (args.input_len,), generator=g).tolist() for _ in range(num_prompts)]
+    plain = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    guided = dataclasses.replace(plain, structured=StructuredOutput(json=BENCH_SCHEMA))
+    f = args.json_schema_fraction
+    # Spread the constrained requests over the batch: request i is constrained when floor((i + 1) f) > floor(i f).
+    mixed = [guided if int((i + 1) * f) > int(i * f) else plain for i in range(num_prompts)]
+    llm.generate(prompts[:2], [plain, guided], use_tqdm=False)  # warm-up, and the grammar compiled
+    runs: dict[str, list[float]] = {"plain": [], "guided": []}
+    tokens = {}
+    print(f"{'run':<6}{'batch':<10}{'seconds':>10}{'output tok/s':>15}")
+    for r in range(args.repeats):
+        for name, params in (("plain", plain), ("guided", mixed)):
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            dt = time.perf_counter() - t0
+            tokens[name] = sum(len(o.outputs[0].token_ids) for o in outs)
+            runs[name].append(tokens[name] / dt)
+            print(f"{r:<6}{name:<10}{dt:>10.2f}{tokens[name] / dt:>15.1f}")
+    ratios = [gd / pl for gd, pl in zip(runs["guided"], runs["plain"])]
+    result = {
+        "num_prompts": num_prompts,
+        "num_constrained": sum(p is guided for p in mixed),
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "device": str(llm.engine.device),
+        "dtype": str(llm.engine.dtype).removeprefix("torch."),
+        "plain_tok_s": [round(x, 1) for x in runs["plain"]],
+        "guided_tok_s": [round(x, 1) for x in runs["guided"]],
+        "median_plain_tok_s": round(statistics.median(runs["plain"]), 1),
+        "median_guided_tok_s": round(statistics.median(runs["guided"]), 1),
+        "median_ratio": round(statistics.median(ratios), 3),
+        "same_token_counts": tokens["plain"] == tokens["guided"],
+    }
+    print(
+        f"{result['num_constrained']} of {num_prompts} requests constrained: median "
+        f"{result['median_guided_tok_s']} vs {result['median_plain_tok_s']} tok/s unconstrained, "
+        f"ratio {result['median_ratio']} (pairwise median)"
+    )
+    return result

@@ -3,7 +3,10 @@
 The engine loop thread owns the Engine: it applies queued commands (add, abort) between steps, runs steps while
 there is work, and hands each RequestOutput to the asyncio loop of the request's consumer. The HTTP side never
 blocks the loop and never touches the engine directly; request validation (pure) runs on the caller's side so
-that a bad request fails before it is queued. Stats (/metrics) are the snapshot the engine thread last published.
+that a bad request fails before it is queued, and so does a structured-output grammar: the caller awaits its
+compilation on the engine's grammar pool (neither the asyncio loop nor the engine loop compiles), so a request
+waits for its own grammar without holding up anyone else, and a grammar that does not compile is a ValueError here.
+Stats (/metrics) are the snapshot the engine thread last published.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class AsyncEngine:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         self.engine.validate_request(prompt_token_ids, params)
+        if params.structured is not None:
+            await asyncio.wrap_future(self.engine.grammars.submit(params.structured))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._consumers[request_id] = (loop, q)

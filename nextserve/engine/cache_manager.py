@@ -229,7 +229,9 @@ class CacheManager:
         """Gives back seq's pages and slot. With a prefix cache, its cached tokens (KV and final state) are
         donated to the tree first, so that a resubmission, the next turn or its own resumption can reuse them."""
         private_from = seq.num_shared_pages
-        if self.tree is not None and seq.slot is not None and seq.num_cached > 0:
+        # NOTE: a sequence that stopped inside a group of accepted drafts (EOS, a stop string, a grammar's end) has
+        # cached positions past its last kept token, and its state is theirs: none of it is donated.
+        if self.tree is not None and seq.slot is not None and 0 < seq.num_cached <= len(seq.token_ids):
             ps = self.page_size
             aligned = seq.num_cached // ps * ps
             node = self._share(seq, aligned)

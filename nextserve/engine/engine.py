@@ -3,9 +3,11 @@
 `add_request` validates and queues a request (n sequences); `step()` runs two halves:
 
   launch   schedule, plan the step's snapshots and scratch slots, run the model over the flat batch and sample
-           the plain rows, all on the device; nothing here reads a device result on the host
-  process  read the sampled tokens, verify drafts, hang the snapshots in the prefix tree, append tokens and apply
-           stop conditions, draft the next tokens, give back the caches of finished sequences, build outputs
+           the plain rows (grammar masks filled on the host while the forward runs), all on the device; nothing
+           here reads a device result on the host
+  process  read the sampled tokens, verify drafts (masked likewise), hang the snapshots in the prefix tree, append
+           tokens (advancing grammar matchers) and apply stop conditions, draft the next tokens, give back the
+           caches of finished sequences, build outputs
 
 (the next issue overlaps the process half of step N with the launch of step N+1). Not thread-safe: AsyncEngine
 drives it from one thread, LLM from the caller's.
@@ -35,6 +37,7 @@ from nextserve.engine.sampler import SamplingRow, build_sampling_batch, sample
 from nextserve.engine.scheduler import ScheduledSeq, Scheduler
 from nextserve.engine.spec_decode import SpecDecoder
 from nextserve.engine.state_pool import StateLayout, StatePool
+from nextserve.engine.structured import GrammarCache
 from nextserve.loader.model_loader import (
     build_dummy_model,
     load_generation_defaults,
@@ -182,6 +185,8 @@ class Engine:
         )
         eos = self.generation_defaults.get("eos_token_id", [])
         self.eos_ids = set(self.model_config.eos_token_ids) | set(eos if isinstance(eos, list) else [eos])
+        # Grammars cover the padded vocabulary (ids past the tokenizer's are never allowed) and end on EOS.
+        self.grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
         self.spec = None
         if cfg.speculative:
             self.spec = SpecDecoder(
@@ -233,6 +238,7 @@ class Engine:
         for rid in list(self.requests):
             self.abort(rid)
         self.runner.close()
+        self.grammars.close()
         # The spec decoder and the layers' cache views refer back to these; drop every reference, then collect.
         self.spec = self.scheduler = self.cache = self.runner = None
         self.kv_pool = self.state_pool = self.model = None
@@ -284,6 +290,8 @@ class Engine:
             raise ValueError(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context length {limit}"
             )
+        if params.structured is not None:
+            self.grammars.start_token(params.structured)  # the grammar itself is compiled by the pool
         return params.max_tokens if params.max_tokens is not None else limit - n
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
@@ -293,6 +301,9 @@ class Engine:
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
         max_tokens = self.validate_request(ids, params)
+        if params.structured is not None:
+            # Compiled on the grammar pool; AsyncEngine awaited it before queueing, so this waits only for LLM.
+            self.grammars.get(params.structured)
         resolved = params.resolved(self.generation_defaults)
         req = Request(request_id, ids, resolved, max_tokens)
         for i in range(params.n):
@@ -309,6 +320,8 @@ class Engine:
             seq = Sequence(next(self._seq_ids), req, i, list(ids), len(ids), gen, detok)
             if i == 0 and params.prompt_logprobs is not None:
                 seq.prompt_logprobs = [None]
+            if params.structured is not None:
+                seq.grammar = self.grammars.new_state(params.structured)
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -352,10 +365,11 @@ class Engine:
 
     def _can_launch_before(self, prev: LaunchedStep) -> bool:
         """Whether the next step can be launched before `prev` is read: not when a sequence with a token still on
-        the device samples with penalties (they read the whole history on the host)."""
+        the device samples with penalties (they read the whole history on the host) or under a grammar (its next
+        mask needs the matcher advanced by that token)."""
         for s in prev.sampling:
             p = s.seq.params
-            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 or s.seq.grammar is not None:
                 return False
         return True
 
@@ -391,6 +405,7 @@ class Engine:
         plain_logits = plain_tokens = None
         host_tokens = ready = None
         if plain:
+            # NOTE: the forward is queued on the device by now, so grammar masks fill on the host while it runs.
             rows = [self.sampling_row(sampling[i].seq) for i in plain]
             plain_logits = logits[[offsets[i] for i in plain]]
             plain_tokens = sample(plain_logits, build_sampling_batch(rows, logits.shape[-1], self.device)).token_ids
@@ -530,11 +545,13 @@ class Engine:
         masked = ()
         if num_output < p.min_tokens:
             masked = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_ids))
+        # Draft tokens (extra_output) are not committed: the grammar's mask is the one after them.
+        mask = seq.grammar.filler(extra_output) if seq.grammar is not None else None
         if not (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0):
             # NOTE: the decode hot path: without penalties the sampler reads no history, so copy none.
-            return SamplingRow(p, (), (), seq.generator, masked)
+            return SamplingRow(p, (), (), seq.generator, masked, mask)
         output = seq.output_ids + list(extra_output)
-        return SamplingRow(p, seq.token_ids[: seq.num_prompt], output, seq.generator, masked)
+        return SamplingRow(p, seq.token_ids[: seq.num_prompt], output, seq.generator, masked, mask)
 
     def _append_tokens(self, seq: Sequence, tokens: list[int], rows_logits: torch.Tensor) -> None:
         want = seq.params.logprobs
@@ -560,6 +577,20 @@ class Engine:
         else:
             seq.token_ids.append(token)
         self.generation_tokens_total += 1
+        grammar_done = False
+        if seq.grammar is not None:
+            if not seq.grammar.accept(token):
+                # Only when no token was allowed: another constraint forbade the ones the grammar allowed
+                # (min_tokens masking EOS once the grammar is complete), or the tokenizer cannot spell what the
+                # grammar needs (a synthetic one). The output cannot continue.
+                logger.warning(
+                    "request %s: token %d is outside its grammar (nothing was allowed); finishing",
+                    seq.request.request_id,
+                    token,
+                )
+                grammar_done = True
+            else:
+                grammar_done = seq.grammar.terminated
         if token in p.stop_token_ids:
             self._finish(seq, "stop", token)
         elif token in self.eos_ids and not p.ignore_eos:
@@ -569,6 +600,8 @@ class Engine:
             seq.text += delta
             if stop_hit is not None:
                 self._finish(seq, "stop", stop_hit)
+        if grammar_done and not seq.stopped:  # the grammar ended the output (with ignore_eos, EOS does not)
+            self._finish(seq, "stop", None)
         committed = len(seq.token_ids) - seq.num_pending
         if not seq.stopped and (
             committed - seq.num_prompt >= seq.request.max_tokens or committed >= self.max_model_len

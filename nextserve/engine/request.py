@@ -21,6 +21,7 @@ from nextserve.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from nextserve.engine.detokenizer import IncrementalDetokenizer
     from nextserve.engine.prefix_cache import Node
+    from nextserve.engine.structured import GrammarState
 
 
 # Placeholder in token_ids for a token sampled on the device whose value the host has not read yet (overlapped
@@ -67,6 +68,8 @@ class Sequence:
     # Trailing PENDING entries of token_ids, and for the last one where its value is: (device tokens, index).
     num_pending: int = 0
     pending_source: tuple[torch.Tensor, int] | None = None
+    # Guided decoding: the matcher of this sequence's output (advanced by committed tokens only).
+    grammar: GrammarState | None = None
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -1,15 +1,17 @@
 """Batched token sampling: penalties, min_tokens masking, temperature, top-k, top-p, min-p, then a draw.
 
 Contract: `build_sampling_batch(rows, vocab_size, device)` turns per-row data (resolved SamplingParams, an
-optional torch.Generator, the token history, the ids to forbid this step) into tensors once per step;
+optional torch.Generator, the token history, the ids to forbid this step, a grammar's token mask) into tensors once
+per step;
 `sample(logits, batch)` then runs on CPU or CUDA without reading anything back to the host, and returns the
 chosen ids plus, when some row asked for them, log-probabilities of the RAW logits (before penalties and
 temperature, as vLLM does). `process_logits` exposes the final distribution for speculative decoding.
 
 Order of operations per row (vLLM's): repetition, frequency and presence penalties -> -inf on the forbidden
-ids -> divide by temperature -> keep the top_k largest -> keep the smallest most-probable set of mass >= top_p
--> drop tokens with p < min_p * p_max -> draw. Greedy rows (temperature 0 or top_k 1) take the argmax of the
-penalised logits. Filters act as value thresholds in vocabulary order, so tokens tied with a cut-off are kept.
+ids and on the ids a grammar does not allow -> divide by temperature -> keep the top_k largest -> keep the smallest
+most-probable set of mass >= top_p -> drop tokens with p < min_p * p_max -> draw. Greedy rows (temperature 0 or
+top_k 1) take the argmax of the penalised logits. Filters act as value thresholds in vocabulary order, so tokens
+tied with a cut-off are kept.
 
 A draw is the exponential race argmax_i(p_i / q_i), q_i ~ Exp(1), in log space: argmax(logit_i - log q_i).
 The noise is indexed by vocabulary id and a seeded row draws it from its own generator, so a given seed gives
@@ -19,11 +21,12 @@ the same tokens whatever else is in the batch and wherever the row sits.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from nextserve.engine.structured import apply_token_bitmask
 from nextserve.sampling_params import SamplingParams
 
 
@@ -37,6 +40,9 @@ class SamplingRow:
     generator: torch.Generator | None = None  # set for seeded requests; lives as long as the request
     # Ids to forbid this step, e.g. EOS and stop_token_ids while fewer than min_tokens have been generated.
     masked_ids: Sequence[int] = ()
+    # Guided decoding: fills row `row` of a host int32 bitmask [B, ceil(V / 32)] (bit i of word w set: token
+    # 32 w + i allowed) with the tokens the row's grammar allows; rows without one stay all ones.
+    token_mask: Callable[[torch.Tensor, int], None] | None = None
 
 
 @dataclass
@@ -60,6 +66,7 @@ class SamplingBatch:
     presence_penalty: torch.Tensor | None = None  # [B, 1] f32
     output_counts: torch.Tensor | None = None  # [B, V] f32: occurrences in the output
     masked_flat: torch.Tensor | None = None  # [M] long: row * V + id for each of the M ids set to -inf
+    token_bitmask: torch.Tensor | None = None  # [B, ceil(V / 32)] int32: allowed tokens (grammars); -1 = all
 
 
 @dataclass
@@ -128,6 +135,13 @@ def build_sampling_batch(rows: Sequence[SamplingRow], vocab_size: int, device: t
     masked = [i * vocab_size + t for i, r in enumerate(rows) for t in r.masked_ids]
     if masked:
         batch.masked_flat = _to_device(torch.tensor(masked, dtype=torch.long), device)
+    if any(r.token_mask is not None for r in rows):
+        # One bitmask for the batch, filled on the host by each constrained row's matcher, one copy to the device.
+        bitmask = torch.full((len(rows), -(-vocab_size // 32)), -1, dtype=torch.int32)
+        for i, r in enumerate(rows):
+            if r.token_mask is not None:
+                r.token_mask(bitmask, i)
+        batch.token_bitmask = _to_device(bitmask, device)
     return batch
 
 
@@ -144,6 +158,8 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.masked_flat is not None:
         # Flat indices: scalar assignment through [rows, cols] indexing would synchronise with the host.
         x.view(-1).index_fill_(0, batch.masked_flat, -math.inf)
+    if batch.token_bitmask is not None:
+        apply_token_bitmask(x, batch.token_bitmask)
     if not batch.all_greedy:
         x.div_(batch.temperature[:, None])
         _apply_filters(x, batch)

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from nextserve.outputs import RequestOutput
-from nextserve.sampling_params import SamplingParams
+from nextserve.sampling_params import SamplingParams, StructuredOutput
 from nextserve.server import chat, responses
 from nextserve.server.metrics import ServerMetrics
 from nextserve.server.parsers import get_reasoning_parser, get_tool_call_parser
@@ -108,9 +108,16 @@ class _Server:
             raise APIError("missing or incorrect API key", status=401, code="invalid_api_key")
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt_param: str = "prompt"
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prompt_param: str = "prompt",
+        structured_param: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """engine.generate with metrics, whose early exit (close, cancel, error) always aborts the request."""
+        """engine.generate with metrics, whose early exit (close, cancel, error) always aborts the request.
+        `structured_param` names the field a structured-output constraint came from (a grammar that does not compile
+        is a 400 about it)."""
         timer = self.metrics.timer()
         stream = self.engine.generate(request_id, prompt_ids, params)
         finished = started = False
@@ -122,8 +129,10 @@ class _Server:
         except ValueError as e:
             if started:
                 raise
-            # The engine validates before queueing; what it refuses is the client's request.
-            raise APIError(str(e), param=_engine_error_param(str(e), prompt_param)) from None
+            # The engine validates (and compiles grammars) before queueing; what it refuses is the client's request.
+            message = str(e)
+            param = structured_param if "structured output" in message else _engine_error_param(message, prompt_param)
+            raise APIError(message, param=param) from None
         finally:
             if not finished:
                 # NOTE: a disconnect arrives as cancellation, which anyio re-delivers at every await inside the
@@ -133,7 +142,11 @@ class _Server:
                     await self.engine.abort(request_id)
 
     def prepare(
-        self, req: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int], param: str
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        prompt_ids: list[int],
+        param: str,
+        structured: StructuredOutput | None = None,
     ) -> SamplingParams:
         """SamplingParams for one prompt, with max_tokens checked against the context length."""
         if not prompt_ids:
@@ -147,7 +160,7 @@ class _Server:
             self.engine.generation_defaults or {}, prompt_param=param,
         )  # fmt: skip
         logprobs = req.num_logprobs if isinstance(req, ChatCompletionRequest) else req.logprobs
-        return req.sampling_params(max_tokens, logprobs)
+        return req.sampling_params(max_tokens, logprobs, structured)
 
 
 def _engine_error_param(message: str, prompt_param: str) -> str | None:
@@ -270,9 +283,12 @@ def _batch_usage(finals: list[RequestOutput]) -> dict[str, Any]:
 async def _completions(srv: _Server, request: Request, req: CompletionRequest) -> Response:
     tok = srv.tokenizer
     prompts = [p if isinstance(p, list) else tok.encode(p) for p in req.prompts()]
-    params = [srv.prepare(req, ids, "prompt") for ids in prompts]
+    structured, field = req.structured_output() or (None, None)
+    params = [srv.prepare(req, ids, "prompt", structured) for ids in prompts]
     rid, created = new_id("cmpl"), now()
-    streams = [srv.generate(f"{rid}-{i}", ids, p) for i, (ids, p) in enumerate(zip(prompts, params))]
+    streams = [
+        srv.generate(f"{rid}-{i}", ids, p, structured_param=field) for i, (ids, p) in enumerate(zip(prompts, params))
+    ]
     want_logprobs = req.logprobs is not None
     # echo: each choice's text starts with its prompt as sent (token-id prompts decoded), and its logprobs with
     # the prompt's tokens (the first unscored), as OpenAI's legacy API and vLLM return them.
@@ -362,7 +378,10 @@ async def _chat_completions(srv: _Server, request: Request, req: ChatCompletionR
         )
     prompt = chat.render_prompt(srv.tokenizer, req)
     prompt_ids = srv.tokenizer.encode(prompt, add_special_tokens=False)
-    params = srv.prepare(req, prompt_ids, "messages")
+    # With tools, a <tool_call> before </think> ends the reasoning (the tool parser then finds it).
+    reasoning = srv.reasoning_cls.from_prompt(prompt, tool_calls=parse_tools) if srv.reasoning_cls else None
+    structured, field = chat.output_constraint(req, reasoning) or (None, None)
+    params = srv.prepare(req, prompt_ids, "messages", structured)
     job = chat.ChatJob(
         request_id=new_id("chatcmpl"),
         created=now(),
@@ -370,12 +389,11 @@ async def _chat_completions(srv: _Server, request: Request, req: ChatCompletionR
         n=req.n,
         logprobs=req.logprobs,
         include_usage=req.include_usage,
-        # With tools, a <tool_call> before </think> ends the reasoning (the tool parser then finds it).
-        reasoning=srv.reasoning_cls.from_prompt(prompt, tool_calls=parse_tools) if srv.reasoning_cls else None,
+        reasoning=reasoning,
         tools=srv.tool_cls() if parse_tools and srv.tool_cls else None,
         token_text=srv.token_text,
     )
-    outputs = srv.generate(job.request_id, prompt_ids, params, prompt_param="messages")
+    outputs = srv.generate(job.request_id, prompt_ids, params, prompt_param="messages", structured_param=field)
     if req.stream:
         return await _event_stream(request, outputs, lambda outs: chat.chat_stream(job, outs))
     final = await _unless_disconnected(request, _last(outputs))
@@ -387,8 +405,10 @@ async def _chat_completions(srv: _Server, request: Request, req: ChatCompletionR
 
 # ---- the Responses API (shaped in responses.py) ----------------------------------------------------------------
 async def _responses(srv: _Server, request: Request, req: ResponsesRequest) -> Response:
-    job, params = responses.start(srv, req)
-    outputs = srv.generate(job.response_id, job.prompt_ids, params, prompt_param="input")
+    job, params, structured_param = responses.start(srv, req)
+    outputs = srv.generate(
+        job.response_id, job.prompt_ids, params, prompt_param="input", structured_param=structured_param
+    )
     if req.stream:
         return await _event_stream(request, outputs, job.stream)
     final = await _unless_disconnected(request, _last(outputs))

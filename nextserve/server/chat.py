@@ -5,13 +5,18 @@ request needs to shape its answer, `chat_response` turns the final `RequestOutpu
 `chat_stream` turns the stream of cumulative outputs into `chat.completion.chunk` server-sent events.
 
 Parsing order per choice: the reasoning parser splits the text into `reasoning_content` and content; the tool-call
-parser then takes tool calls out of the content. tool_choice follows vLLM's default: "none" still renders the
-tools into the prompt but nothing is parsed; "auto", "required" and a named function all parse tool calls, and since
-there is no guided decoding, "required"/named cannot force the model to call (documented in docs/server.md).
+parser then takes tool calls out of the content. tool_choice follows vLLM: "none" still renders the tools into the
+prompt but nothing is parsed; "auto" parses whatever calls the model writes; "required" and a named function are
+enforced by a grammar (`output_constraint`) in the model's own format, one or more `<tool_call>\n{"name": ...,
+"arguments": {...}}\n</tool_call>` blocks separated by "\n" (exactly one with parallel_tool_calls=false or a named
+function), each call's arguments matching its function's JSON schema. With a thinking prompt (the template opened
+`<think>`) any constraint starts after `</think>`: the reasoning is free.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +24,7 @@ from typing import Any
 import jinja2
 
 from nextserve.outputs import CompletionOutput, RequestOutput
+from nextserve.sampling_params import StructuredOutput
 from nextserve.server.parsers import (
     ContentDelta,
     Qwen3ReasoningParser,
@@ -31,7 +37,17 @@ from nextserve.server.parsers import (
     ToolCallStart,
     finish_reason,
 )
-from nextserve.server.protocol import APIError, ChatCompletionRequest, ChatMessage, TokenText, sse, usage
+from nextserve.server.parsers.reasoning import THINK_END
+from nextserve.server.parsers.tool_calls import TOOL_CALL_END, TOOL_CALL_START
+from nextserve.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    NamedToolChoice,
+    TokenText,
+    sse,
+    usage,
+)
 
 # Arguments of apply_chat_template that the server sets itself; chat_template_kwargs may not override them.
 _RESERVED_TEMPLATE_KWARGS = {"conversation", "messages", "tools", "add_generation_prompt", "tokenize", "return_dict"}
@@ -69,6 +85,49 @@ def render_prompt(tokenizer: Any, req: ChatCompletionRequest) -> str:
     except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
         # Templates reject conversations they cannot render (raise_exception); that is the client's input.
         raise APIError(f"the chat template could not render these messages: {e}", param="messages") from None
+
+
+def output_constraint(
+    req: ChatCompletionRequest, reasoning: Qwen3ReasoningParser | None
+) -> tuple[StructuredOutput, str] | None:
+    """The grammar this chat request's output must follow, and the field that asked for it: tool_choice
+    "required" or named (tool calls), else response_format / structured_outputs / guided_*. With a reasoning parser
+    and a prompt that opened `<think>`, it applies after `</think>`."""
+    if req.forces_tool_calls:
+        found: tuple[StructuredOutput, str] | None = (_tool_calls_grammar(req), "tool_choice")
+    else:
+        found = req.structured_output()
+    if found is not None and reasoning is not None and reasoning.prompt_opened_think:
+        found = dataclasses.replace(found[0], start_after=THINK_END), found[1]
+    return found
+
+
+def _tool_calls_grammar(req: ChatCompletionRequest) -> StructuredOutput:
+    """An xgrammar structural tag: `<tool_call>` blocks, each a call of one of the allowed tools in Qwen's format."""
+    named = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
+    tags = []
+    for tool in req.tools or []:
+        fn = tool.function
+        if named is not None and fn.name != named:
+            continue
+        schema = fn.parameters if fn.parameters is not None else {"type": "object", "properties": {}}
+        tags.append(
+            {
+                "type": "tag",
+                "begin": f'{TOOL_CALL_START}\n{{"name": {json.dumps(fn.name, ensure_ascii=False)}, "arguments": ',
+                "content": {"type": "json_schema", "json_schema": schema},
+                "end": f"}}\n{TOOL_CALL_END}",
+            }
+        )
+    one = named is not None or req.parallel_tool_calls is False
+    fmt = {
+        "type": "tags_with_separator",
+        "tags": tags,
+        "separator": "\n",
+        "at_least_one": True,
+        "stop_after_first": one,
+    }
+    return StructuredOutput(structural_tag={"type": "structural_tag", "format": fmt})
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nextserve.outputs import TokenLogprob
-from nextserve.sampling_params import MAX_LOGPROBS, SamplingParams
+from nextserve.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutput
 
 # OpenAI's own bound on n; larger values are almost always a client bug and each sample costs a state slot.
 MAX_N = 128
@@ -159,8 +159,49 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: str | None = None
+    description: str | None = None
+    # `schema` would shadow BaseModel.schema(): the wire name is an alias.
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is enforced either way
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+    format: dict[str, Any] | None = None  # structural_tag: xgrammar's format object (vLLM's response format)
+
+    @model_validator(mode="after")
+    def _complete(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.json_schema is None):
+            raise FieldError("response_format of type 'json_schema' needs json_schema.schema", param="")
+        if self.type == "structural_tag" and self.format is None:
+            raise FieldError("response_format of type 'structural_tag' needs 'format'", param="")
+        return self
+
+
+class StructuredOutputsField(_Strict):
+    """vLLM's `structured_outputs` object: one constraint."""
+
+    # `json` would shadow BaseModel.json(): the wire name is an alias.
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: dict[str, Any] | str | None = None
+
+
+# Request fields that constrain the output, in the order they are checked: at most one may be set.
+GUIDED_FIELDS = (
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
 
 
 class _SamplingRequest(_Strict):
@@ -188,6 +229,13 @@ class _SamplingRequest(_Strict):
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
     user: str | None = None
+    # Guided decoding: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # vLLM's extension: log-probabilities of the prompt tokens, with this many alternatives each.
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
@@ -199,10 +247,43 @@ class _SamplingRequest(_Strict):
             raise FieldError("logit_bias is not supported", param="logit_bias")
         if self.best_of is not None and self.best_of != self.n:
             raise FieldError("best_of is not supported (it must be left out or equal n)", param="best_of")
+        guided = [f for f in GUIDED_FIELDS if getattr(self, f) is not None]
+        if self.response_format is not None and self.response_format.type == "text":
+            guided.remove("response_format")
+        if len(guided) > 1:
+            raise FieldError(f"only one of {', '.join(guided)} may be set", param=guided[1])
         if self.prompt_logprobs is not None and self.stream:
             # As vLLM: the prompt's scores come in one piece, there is nothing to stream.
             raise FieldError("prompt_logprobs is not available with stream=true", param="prompt_logprobs")
         return self
+
+    def structured_output(self) -> tuple[StructuredOutput, str] | None:
+        """The output constraint this request asks for, and the field it came from (for error messages)."""
+        try:
+            rf = self.response_format
+            if rf is not None and rf.type != "text":
+                if rf.type == "json_object":
+                    return StructuredOutput(json_object=True), "response_format"
+                if rf.type == "structural_tag":
+                    return StructuredOutput(structural_tag={"type": "structural_tag", "format": rf.format}), (
+                        "response_format"
+                    )
+                assert rf.json_schema is not None and rf.json_schema.json_schema is not None
+                return StructuredOutput(json=rf.json_schema.json_schema), "response_format"
+            if (so := self.structured_outputs) is not None:
+                fields = so.model_dump(exclude_none=True, by_alias=True)
+                if fields.get("json_object") is False:
+                    del fields["json_object"]
+                return StructuredOutput(**fields), "structured_outputs"
+            for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice")):
+                if getattr(self, name) is not None:
+                    return StructuredOutput(**{kind: getattr(self, name)}), name
+            if self.guided_grammar is not None:
+                return StructuredOutput(grammar=self.guided_grammar), "guided_grammar"
+        except ValueError as e:
+            field = next(f for f in GUIDED_FIELDS if getattr(self, f) is not None)
+            raise APIError(str(e), param=field) from None
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -214,7 +295,9 @@ class _SamplingRequest(_Strict):
     def wanted_prompt_logprobs(self) -> int | None:
         return self.prompt_logprobs
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, structured: StructuredOutput | None = None
+    ) -> SamplingParams:
         """SamplingParams for this request; unset generation-config fields stay None for the engine to resolve."""
         try:
             return SamplingParams(
@@ -236,6 +319,7 @@ class _SamplingRequest(_Strict):
                 prompt_logprobs=self.wanted_prompt_logprobs(),
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                structured=structured,
             )
         except ValueError as e:
             raise APIError(str(e), param=self.param_of(str(e))) from None
@@ -258,17 +342,11 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _chat_supported(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("top_logprobs needs logprobs=true", param="top_logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise FieldError(
-                f"response_format {self.response_format.type!r} is not supported (no guided decoding)",
-                param="response_format",
-            )
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise FieldError("tool_choice 'required' or a named function needs 'tools'", param="tool_choice")
         if isinstance(self.tool_choice, NamedToolChoice):
@@ -277,7 +355,22 @@ class ChatCompletionRequest(_SamplingRequest):
                 raise FieldError(
                     f"tool_choice names the function {name!r}, which is not in 'tools'", param="tool_choice"
                 )
+        if self.forces_tool_calls:
+            guided = [f for f in GUIDED_FIELDS if getattr(self, f) is not None]
+            if self.response_format is not None and self.response_format.type == "text":
+                guided.remove("response_format")
+            if guided:
+                raise FieldError(
+                    f"tool_choice 'required' or a named function is enforced by a grammar and cannot be combined "
+                    f"with {guided[0]}",
+                    param="tool_choice",
+                )
         return self
+
+    @property
+    def forces_tool_calls(self) -> bool:
+        """tool_choice "required" or a named function: the output must be tool calls (enforced by a grammar)."""
+        return bool(self.tools) and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice))
 
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens is OpenAI's newer name; it wins when both are sent.

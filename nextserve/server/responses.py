@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nextserve.outputs import RequestOutput
-from nextserve.server.chat import render_prompt
+from nextserve.server.chat import output_constraint, render_prompt
 from nextserve.server.parsers import (
     ContentDelta,
     Qwen3ReasoningParser,
@@ -298,8 +298,9 @@ class ResponseJob:
                 yield send({"type": kind.get(body["status"], "response.failed"), "response": body})
 
 
-def start(srv: Any, req: ResponsesRequest) -> tuple[ResponseJob, Any]:
-    """The job for `req` and the SamplingParams of its prompt; `srv` is the app's shared state."""
+def start(srv: Any, req: ResponsesRequest) -> tuple[ResponseJob, Any, str | None]:
+    """The job for `req`, the SamplingParams of its prompt (with the output constraint of `text.format` or a forced
+    tool_choice, as on chat), and the field that constraint came from; `srv` is the app's shared state."""
     history = (
         srv.responses.get(req.previous_response_id, "previous_response_id").items if req.previous_response_id else []
     )
@@ -311,7 +312,9 @@ def start(srv: Any, req: ResponsesRequest) -> tuple[ResponseJob, Any]:
         )
     prompt = render_prompt(srv.tokenizer, chat_req)
     prompt_ids = srv.tokenizer.encode(prompt, add_special_tokens=False)
-    params = srv.prepare(chat_req, prompt_ids, "input")
+    reasoning = srv.reasoning_cls.from_prompt(prompt, tool_calls=parse_tools) if srv.reasoning_cls else None
+    structured, field = output_constraint(chat_req, reasoning) or (None, None)
+    params = srv.prepare(chat_req, prompt_ids, "input", structured)
     job = ResponseJob(
         request=req,
         model=srv.model_name,
@@ -319,7 +322,7 @@ def start(srv: Any, req: ResponsesRequest) -> tuple[ResponseJob, Any]:
         history=history,
         tokenizer=srv.tokenizer,
         store=srv.responses,
-        reasoning=srv.reasoning_cls.from_prompt(prompt, tool_calls=parse_tools) if srv.reasoning_cls else None,
+        reasoning=reasoning,
         tools=srv.tool_cls() if parse_tools else None,
     )
-    return job, params
+    return job, params, "text.format" if field == "response_format" else field

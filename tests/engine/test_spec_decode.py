@@ -3,6 +3,7 @@ caching, chunked prefill, preemption, aborts), a draft that agrees with the targ
 forwards, and sampled outputs keep the target distribution."""
 
 import collections
+import dataclasses
 
 import pytest
 import torch
@@ -97,6 +98,21 @@ def test_greedy_equal_with_other_features(tiny_mtp_model_dir, reference, oracle,
     if setting == "preemption":
         assert llm.engine.scheduler.num_preemptions > 0
     llm.engine.check_integrity()
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_stop_inside_an_accepted_group(tiny_mtp_model_dir, reference, oracle, page_size):
+    """A stop token among accepted drafts ends the output there although the whole group was cached: the tokens
+    after it are dropped and the sequence donates nothing to the prefix tree (its state is past its tokens)."""
+    oracle["wrong_at"] = None
+    stops = [r[5] for r in reference]
+    params = [dataclasses.replace(G, stop_token_ids=[t]) for t in stops]
+    want = [r[: r.index(t) + 1] for r, t in zip(reference, stops)]
+    llm = make(tiny_mtp_model_dir, 3, page_size=page_size)
+    for _ in range(2):  # the second round meets the first round's prefix-cache donations
+        outs = llm.generate(prompts(), params)
+        assert tokens(outs) == want and all(o.outputs[0].finish_reason == "stop" for o in outs)
+        llm.engine.check_integrity()
 
 
 def test_aborts_leak_nothing(tiny_mtp_model_dir, reference, oracle):

@@ -1,6 +1,9 @@
 """Tensor parallelism through the engine (gloo processes on the CPU): TP2 and TP4 generate what TP1 generates, with
-chunked prefill, preemption, prefix caching and NEXTN speculation on; the ranks agree on capacity; a size the model
-cannot be split into is an error before any process starts. One engine per case: each rank is a process."""
+chunked prefill, preemption, prefix caching and NEXTN speculation on (and guided decoding); the ranks agree on
+capacity; a size the model cannot be split into is an error before any process starts. One engine per case: each
+rank is a process."""
+
+import json
 
 import pytest
 from tiny import engine_config, write_tiny_checkpoint
@@ -89,3 +92,28 @@ def test_sizes_the_model_cannot_split_fail_before_any_process_starts(checkpoints
     assert not multiprocessing.active_children()
     with pytest.raises(ValueError, match="--nnodes 3 must divide --tp-size 2"):
         LLM(model=str(checkpoints["v3k"]), device="cpu", disable_tqdm=True, tp_size=2, nnodes=3)
+
+
+def test_tp2_guided_decoding_equals_tp1(checkpoints):
+    """Every rank compiles the broadcast request's grammar and keeps its own matchers: TP2 with NEXTN gives TP1's
+    constrained outputs (a JSON schema and a choice in one batch, beside an unconstrained request)."""
+    from schema_check import SCHEMAS, validate
+
+    from nextserve import StructuredOutput
+
+    json_p = SamplingParams(temperature=0, max_tokens=80, structured=StructuredOutput(json=SCHEMAS[0]))
+    choice_p = SamplingParams(temperature=0, max_tokens=8, structured=StructuredOutput(choice=["aye", "nay"]))
+    plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    params = [json_p, choice_p, plain]
+
+    def run(tp):
+        kw = dict(speculative_algorithm="NEXTN", speculative_num_steps=2, speculative_adaptive=False)
+        with LLM(
+            model=str(checkpoints["kv1"]), dtype="float32", device="cpu", disable_tqdm=True, tp_size=tp, **kw
+        ) as llm:
+            return [o.outputs[0] for o in llm.generate(PROMPTS[:3], params, use_tqdm=False)]
+
+    ref, got = run(1), run(2)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    validate(json.loads(got[0].text), SCHEMAS[0])
+    assert got[1].text in ("aye", "nay")
