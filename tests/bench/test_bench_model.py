@@ -400,6 +400,26 @@ def test_invalid_tp_sizes_are_clear_errors_before_any_process(monkeypatch, capsy
     assert message in capsys.readouterr().err
 
 
+def test_tp_rank_devices_and_backend_on_one_gpu(monkeypatch):
+    """On a machine with one GPU (faked): NCCL takes one GPU per rank, gloo may put every rank on the named GPU."""
+    from nextserve.bench.model_tp import plan
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+    def args(device: str, backend: str | None = None):
+        return bench_model.argparse.Namespace(tp_size=2, device=device, dist_backend=backend)
+
+    with pytest.raises(ValueError, match=r"puts rank r on cuda:r, but 1 GPU\(s\) are visible"):
+        plan(args("cuda"))
+    with pytest.raises(ValueError, match="NCCL needs one GPU per rank"):
+        plan(args("cuda:0"))
+    device, backend, devices = plan(args("cuda:0", "gloo"))
+    assert (backend, devices) == ("gloo", [torch.device("cuda", 0)] * 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert plan(args("cuda")) == (torch.device("cuda"), "nccl", [torch.device("cuda", 0), torch.device("cuda", 1)])
+
+
 # ---- bench config ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("preset", "layers"), [("qwen3-next-80b-a3b", 12), ("tiny", None)])
 def test_bench_config_round_trip(tmp_path, preset, layers):
