@@ -13,6 +13,11 @@ prefill floor = FP8 weights' FLOPs / FP8 rate + the other FLOPs (bf16 weights, a
 The floors leave work out (GDN recurrence FLOPs, KV writes, activations), so they bound the time from below and
 `fraction` (measured speed / floor speed) should stay at or under about 1.
 
+Tensor parallelism (`--tp-size N`, `bench/model_tp.py`): N processes, each builds its shard of the model and runs
+every point in lockstep with the others (the all-reduces force it); rank 0's times are reported. Each rank reads its
+share of the weights, KV and state, so the floors are one rank's bytes and FLOPs against one device's roofline
+(measured by rank 0 alone); for ranks sharing one device (gloo) the roofline does not apply.
+
 `--quantization bf16,fp8` times both models one after the other against the same roofline (the first is freed
 before the second is built); `runs` in the JSON holds one entry per quantization.
 
@@ -62,6 +67,7 @@ from nextserve.model_config import ModelConfig
 from nextserve.models.qwen3_next import Qwen3NextForCausalLM, Qwen3NextSparseMoeBlock
 from nextserve.ops import backends
 from nextserve.ops import fp8 as fp8_ops
+from nextserve.parallel import Communicator, ParallelContext
 
 # Left free beyond the pools of a point for activations; a point that still runs out of memory is noted, not fatal.
 ACTIVATION_RESERVE = 1 * GiB
@@ -154,19 +160,26 @@ def free_memory(device: torch.device) -> int | None:
 
 # ---- the model and its caches -----------------------------------------------------------------------------------
 def build_model(
-    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0, quant: Fp8Config | None = None
+    cfg: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    quant: Fp8Config | None = None,
+    ctx: ParallelContext | None = None,
+    comm: Communicator | None = None,
 ) -> Qwen3NextForCausalLM:
+    """The model with random weights; with ctx/comm, rank ctx.rank's shard of the TP1 model of the same seed."""
     with torch.device(device):
-        model = Qwen3NextForCausalLM(cfg, dtype=dtype, with_mtp=False, quant=quant)
+        model = Qwen3NextForCausalLM(cfg, dtype=dtype, with_mtp=False, quant=quant, ctx=ctx, comm=comm)
     init_random_weights(model, seed)
     return model.eval()
 
 
 def make_runner(model, num_pages: int, num_slots: int, page_size: int, ssm_dtype: torch.dtype) -> ModelRunner:
     """Pools for one point, filled with random KV and state, bound to the model's layers."""
-    cfg, device = model.config, next(model.parameters()).device
-    kv = KVPool(kv_layout(cfg, page_size, model.dtype), num_pages, device)
-    states = StatePool(state_layout(cfg, model.dtype, ssm_dtype), num_slots, device)
+    cfg, device, tp = model.config, next(model.parameters()).device, model.ctx.size
+    kv = KVPool(kv_layout(cfg, page_size, model.dtype, tp), num_pages, device)  # this rank's share
+    states = StatePool(state_layout(cfg, model.dtype, ssm_dtype, tp), num_slots, device)
     kv.k.normal_()
     kv.v.normal_()
     states.conv.normal_()
@@ -210,16 +223,24 @@ class ExpertCounter:
 
 
 # ---- points ----------------------------------------------------------------------------------------------------
+def point_free_memory(model, args) -> int | None:
+    """Free device memory for a point's pools: under tensor parallelism the smallest share of any rank (every rank
+    must take the same decision, or the skipping ones would leave the others waiting in an all-reduce)."""
+    free = free_memory(next(model.parameters()).device)
+    tp = getattr(args, "_tp", None)
+    return free if tp is None else tp.agreed_free(free)
+
+
 def decode_point(model, args, roofline: dict, batch: int, context: int) -> dict:
-    cfg, device = model.config, next(model.parameters()).device
+    cfg, device, tp = model.config, next(model.parameters()).device, model.ctx.size
     ps, ssm_dtype = args.page_size, getattr(torch, args.mamba_ssm_dtype)
     P = -(-(context + 1) // ps)  # the new token's KV goes at position C
     point = {"batch": batch, "context": context}
     need = (
-        batch * P * kv_layout(cfg, ps, model.dtype).page_bytes
-        + (batch + 1) * state_layout(cfg, model.dtype, ssm_dtype).slot_bytes
+        batch * P * kv_layout(cfg, ps, model.dtype, tp).page_bytes
+        + (batch + 1) * state_layout(cfg, model.dtype, ssm_dtype, tp).slot_bytes
     )
-    free = free_memory(device)
+    free = point_free_memory(model, args)
     if free is not None and need + ACTIVATION_RESERVE > free:
         return point | {"skipped": f"pools need {need / GiB:.1f} GiB, {free / GiB:.1f} GiB free"}
     make_runner(model, batch * P, batch, ps, ssm_dtype)
@@ -245,7 +266,7 @@ def decode_point(model, args, roofline: dict, batch: int, context: int) -> dict:
         host = (ids.tolist(), [context] * batch, fb.state_slots.tolist(), fb.page_table.tolist())
         step = lambda: graphs.run(*host)  # noqa: E731
     t = timed(step, device, args.warmup, args.repeats, inner=args.decode_steps)
-    cost = decode_bytes(cfg, model.dtype, ssm_dtype, batch, context, model.quant)
+    cost = decode_bytes(cfg, model.dtype, ssm_dtype, batch, context, model.quant, tp)  # one rank's bytes
     floor = batch * roofline["copy_bandwidth"] / cost["total"]
     point |= {"step_ms": t * 1e3, "tokens_per_s": batch / t, "floor_tokens_per_s": floor}
     point |= {"fraction": point["tokens_per_s"] / floor, "bytes": cost}
@@ -257,12 +278,13 @@ def decode_point(model, args, roofline: dict, batch: int, context: int) -> dict:
 
 
 def prefill_point(model, args, roofline: dict, length: int) -> dict:
-    cfg, device = model.config, next(model.parameters()).device
+    cfg, device, tp = model.config, next(model.parameters()).device, model.ctx.size
     ps, chunk, ssm_dtype = args.page_size, args.max_num_batched_tokens, getattr(torch, args.mamba_ssm_dtype)
     P = -(-length // ps)
     point = {"length": length}
-    need = P * kv_layout(cfg, ps, model.dtype).page_bytes + 2 * state_layout(cfg, model.dtype, ssm_dtype).slot_bytes
-    free = free_memory(device)
+    need = P * kv_layout(cfg, ps, model.dtype, tp).page_bytes
+    need += 2 * state_layout(cfg, model.dtype, ssm_dtype, tp).slot_bytes
+    free = point_free_memory(model, args)
     if free is not None and need + ACTIVATION_RESERVE > free:
         return point | {"skipped": f"pools need {need / GiB:.1f} GiB, {free / GiB:.1f} GiB free"}
     runner = make_runner(model, P, 1, ps, ssm_dtype)
@@ -278,18 +300,21 @@ def prefill_point(model, args, roofline: dict, length: int) -> dict:
             model.compute_logits(model(ids[s : s + fb.query_lens[0]], fb)[fb.logits_indices]).float()
 
     t = timed(prefill, device, warmup=1, repeats=args.repeats)
-    cost = prefill_flops(cfg, length, chunk, model.quant)
+    cost = prefill_flops(cfg, length, chunk, model.quant, tp)  # one rank's FLOPs
     floor = length / prefill_floor_seconds(cost, roofline)
     point |= {"seconds": t, "tokens_per_s": length / t, "floor_tokens_per_s": floor}
     return point | {"fraction": point["tokens_per_s"] / floor, "flops": cost}
 
 
 def guarded(fn, model, args, roofline: dict, **point) -> dict:
-    """Runs one point; running out of device memory skips the point with a note instead of ending the run."""
+    """Runs one point; running out of device memory skips the point with a note instead of ending the run, except
+    under tensor parallelism (the other ranks would wait for this one in an all-reduce: the run ends instead)."""
     try:
         return fn(model, args, roofline, **point)
     except torch.OutOfMemoryError:
-        pass  # handled below, outside the except block, once the traceback's frames (and tensors) are gone
+        if getattr(args, "_tp", None) is not None:
+            raise
+        # handled below, outside the except block, once the traceback's frames (and tensors) are gone
     finally:
         unbind(model)
     free_memory(next(model.parameters()).device)
@@ -420,6 +445,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cuda-graph", action=argparse.BooleanOptionalAction, default=True, help="decode through CUDA graphs (GPU)"
     )
     parser.add_argument("--compare-transformers", action="store_true", help="also time transformers' decode")
+    parser.add_argument(
+        "--tp-size",
+        "--tp",
+        "--tensor-parallel-size",
+        dest="tp_size",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks: one process each, on cuda:<rank> (--device cuda) or all on one device "
+        "(--device cpu, or cuda:N with --dist-backend gloo)",
+    )
+    parser.add_argument(
+        "--dist-backend",
+        default=None,
+        choices=("nccl", "gloo"),
+        help="collectives between ranks (default nccl on CUDA, gloo on CPU; gloo lets ranks share one GPU)",
+    )
     parser.add_argument("--output-json", default=None)
 
 
@@ -441,6 +482,8 @@ def _command(args: argparse.Namespace) -> str:
         if key.startswith("_") or key in ("command", "subcommand", "output_json"):
             continue
         flag = "--" + key.replace("_", "-")
+        if (key, value) in (("tp_size", 1), ("dist_backend", None)):
+            continue  # TP1 runs spell their command as before --tp-size existed
         if key == "cuda_graph":  # on by default: spell out either way
             parts.append(flag if value else "--no-cuda-graph")
         elif isinstance(value, bool):
@@ -464,10 +507,17 @@ def run_model(cfg: ModelConfig, args: argparse.Namespace, device, dtype, quantiz
     """Builds the model in one format, times every point, and returns the run (the model is freed on return)."""
     args = argparse.Namespace(**vars(args))  # cuda_graph may be turned off for this model alone
     quant = QUANTIZATIONS[quantization]
-    torch.manual_seed(args.seed)
-    model = build_model(cfg, device, dtype, args.seed, quant)
+    tp = getattr(args, "_tp", None)
+    torch.manual_seed(args.seed)  # the same on every rank: every rank draws the same inputs
+    if tp is None:
+        model = build_model(cfg, device, dtype, args.seed, quant)
+    else:
+        model = build_model(cfg, device, dtype, args.seed, quant, ctx=tp.ctx, comm=tp.comm)
     notes: list[str] = []
-    if args.cuda_graph and (reason := supports_graphs(model, device)) is not None:
+    reason = supports_graphs(model, device)
+    if reason is None and tp is not None and tp.comm.gloo:
+        reason = "gloo collectives cannot be captured"
+    if args.cuda_graph and reason is not None:
         args.cuda_graph = False
         notes.append(f"{quantization}: decode ran without CUDA graphs: {reason}")
     with torch.inference_mode():
@@ -478,17 +528,24 @@ def run_model(cfg: ModelConfig, args: argparse.Namespace, device, dtype, quantiz
         ]
         prefill = [guarded(prefill_point, model, args, roofline, length=n) for n in args.prefill_lens]
         hf = []
-        if args.compare_transformers and quant is not None:
+        if args.compare_transformers and tp is not None:
+            notes.append(f"{quantization}: transformers comparison skipped (it runs at --tp-size 1 only)")
+        elif args.compare_transformers and quant is not None:
             # transformers' model would need its own FP8 weights: it shares ours only in bf16.
             notes.append(f"{quantization}: transformers comparison skipped (it runs on the bf16 model only)")
         elif args.compare_transformers:
             hf = compare_transformers(model, args, roofline, decode, notes)
     run = {"quantization": quantization, "cuda_graph": args.cuda_graph}
-    run |= {"weight_bytes": check_weights_fit(cfg, dtype, None, quant=quant), "decode": decode, "prefill": prefill}
+    weights = check_weights_fit(cfg, dtype, None, quant=quant, tp_size=model.ctx.size)  # one rank's
+    run |= {"weight_bytes": weights, "decode": decode, "prefill": prefill}
     return run | {"transformers": hf, "notes": notes}
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tp_size != 1:
+        from nextserve.bench.model_tp import run_tp
+
+        return run_tp(args)
     device = resolve_device(args.device)
     backends.select(device)  # refuses a GPU run whose fast paths failed to import
     dtype = resolve_dtype(args.dtype, device)
@@ -497,35 +554,79 @@ def run(args: argparse.Namespace) -> int:
     # Each model must fit alone (the first is freed before the second is built); checked before building anything.
     free = free_memory(device)
     weights = {q: check_weights_fit(cfg, dtype, free, args.preset, QUANTIZATIONS[q]) for q in args.quantization}
-    cuda = device.type == "cuda"
-    device_name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
-    dtype_name = str(dtype).removeprefix("torch.")
+    device_name = device_label(device)
+    print(header(args, cfg, weights, dtype, f"{device} ({device_name})"))
+    roofline, notes = roofline_and_notes(args, device, dtype)
+    print(roofline_line(roofline, dtype))
+    runs = run_models(cfg, args, device, dtype, roofline)
+    finish(args, make_result(args, cfg, str(device), device_name, dtype, roofline, notes, runs))
+    return 0
+
+
+def device_label(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def header(
+    args: argparse.Namespace,
+    cfg: ModelConfig,
+    weights: dict[str, int],
+    dtype: torch.dtype,
+    where: str,
+    weights_label: str = "weights",
+) -> str:
     sizes = ", ".join(f"{q} {b / GiB:.2f} GiB" for q, b in weights.items())
-    print(
+    return (
         f"bench model: {args.preset}, {cfg.num_hidden_layers} layers ({len(cfg.linear_attention_layers)} GDN + "
-        f"{len(cfg.full_attention_layers)} attention), weights {sizes}, {dtype_name} on {device} ({device_name})"
+        f"{len(cfg.full_attention_layers)} attention), {weights_label} {sizes}, {_dtype_name(dtype)} on {where}"
     )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def roofline_and_notes(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[dict, list[str]]:
+    cuda = device.type == "cuda"
     fp8 = any(QUANTIZATIONS[q] is not None for q in args.quantization)
     roofline = measure_roofline(
         device, dtype, copy_bytes=GiB if cuda else 32 * 2**20, gemm_n=8192 if cuda else 256, fp8=fp8
     )
-    line = f"roofline: copy {roofline['copy_bandwidth'] / 1e9:.1f} GB/s, {dtype_name} matmul "
+    return roofline, [f"FP8 GEMMs through {fp8_kernel(device)}"] if fp8 else []
+
+
+def roofline_line(roofline: dict, dtype: torch.dtype) -> str:
+    line = f"roofline: copy {roofline['copy_bandwidth'] / 1e9:.1f} GB/s, {_dtype_name(dtype)} matmul "
     line += f"{roofline['matmul_rate'] / 1e12:.3g} TFLOP/s"
-    notes: list[str] = []
-    if fp8:
+    if "fp8_matmul_rate" in roofline:
         line += f", block-FP8 matmul {roofline['fp8_matmul_rate'] / 1e12:.3g} TFLOP/s"
-        notes.append(f"FP8 GEMMs through {fp8_kernel(device)}")
-    print(line)
+    return line
+
+
+def run_models(cfg: ModelConfig, args: argparse.Namespace, device, dtype, roofline: dict) -> list[dict]:
     runs = []
     for q in args.quantization:
         runs.append(run_model(cfg, args, device, dtype, q, roofline))
         free_memory(device)  # the model went with run_model's frame: hand its memory back before the next one
+    return runs
+
+
+def make_result(
+    args: argparse.Namespace,
+    cfg: ModelConfig,
+    device: str,
+    device_name: str,
+    dtype: torch.dtype,
+    roofline: dict,
+    notes: list[str],
+    runs: list[dict],
+) -> dict:
     result = {
         "preset": args.preset,
         "num_layers": cfg.num_hidden_layers,
-        "device": str(device),
+        "device": device,
         "device_name": device_name,
-        "dtype": dtype_name,
+        "dtype": _dtype_name(dtype),
         "mamba_ssm_dtype": args.mamba_ssm_dtype,
         "torch_version": torch.__version__,
         "git_revision": _git_revision(),
@@ -542,11 +643,14 @@ def run(args: argparse.Namespace) -> int:
         result |= only | {"notes": notes + only["notes"]}
     else:
         result |= {"runs": runs, "notes": notes + [n for r in runs for n in r["notes"]]}
+    return result
+
+
+def finish(args: argparse.Namespace, result: dict) -> None:
     print_table(result)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)
-    return 0
 
 
 def _point_name(p: dict) -> str:
@@ -555,6 +659,11 @@ def _point_name(p: dict) -> str:
 
 def print_table(result: dict) -> None:
     runs = result.get("runs") or [result]
+    if result.get("tp_size", 1) > 1:
+        print(
+            f"\ntensor parallel {result['tp_size']} over {result['dist_backend']} "
+            f"({', '.join(result['rank_devices'])}): rank 0's times, floors from one rank's bytes and FLOPs"
+        )
     for run in runs:
         if "runs" in result:
             print(f"\n{run['quantization']}: {run['weight_bytes'] / GiB:.2f} GiB of weights")

@@ -7,6 +7,9 @@ and `weight_bytes(cfg, dtype, quant)` reads the bytes each part is stored in (bf
 build on the meta device, so the weights' size is known before anything is allocated (`check_weights_fit`). The
 roofline's cost model lives here too: `decode_bytes` (bytes one decode step must move) and `prefill_flops` (FLOPs
 of one prefill, with the share that runs at the FP8 rate).
+Tensor parallelism: `tp_size` (default 1) gives the same figures for one rank of a TP-`tp_size` model (its shard of
+every part, read off a meta build of rank 0's model; the KV heads and state of one rank), what each GPU reads and
+computes when the model is split over GPUs.
 `init_random_weights(model)` fills a built model (bf16 or block-FP8) in place with random weights of realistic
 scales: it is `loader/dummy.py`'s `init_dummy_weights`, the one `--load-format dummy` uses, where the scales are
 listed.
@@ -26,6 +29,7 @@ from nextserve.loader.dummy import init_dummy_weights
 from nextserve.loader.fp8 import FP8_DTYPE
 from nextserve.model_config import ModelConfig
 from nextserve.models.qwen3_next import Qwen3NextExperts, Qwen3NextForCausalLM
+from nextserve.parallel import Communicator, ParallelContext
 
 GiB = 2**30
 
@@ -126,8 +130,11 @@ class ParamCounts:
         return self.embed + self.lm_head + self.dense + self.routed
 
 
-def param_counts(cfg: ModelConfig) -> ParamCounts:
-    """Counts what Qwen3NextForCausalLM(cfg, with_mtp=False) allocates, from the config alone."""
+def param_counts(cfg: ModelConfig, tp_size: int = 1) -> ParamCounts:
+    """Counts what Qwen3NextForCausalLM(cfg, with_mtp=False) allocates, from the config alone (with `tp_size` > 1:
+    what rank 0 of that many allocates, counted off a meta build)."""
+    if tp_size > 1:
+        return _meta_parts(cfg, torch.bfloat16, None, tp_size)[0]
     H, D = cfg.hidden_size, cfg.head_dim
     attention = (
         H * cfg.num_attention_heads * D * 2  # q_proj: query and gate rows per head
@@ -177,16 +184,24 @@ class WeightBytes(ParamCounts):
     expert_fp8: int = 0
 
 
-def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, quant: Fp8Config | None = None) -> WeightBytes:
+def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, quant: Fp8Config | None = None, tp_size: int = 1) -> WeightBytes:
     """Reads the parts' bytes off a build of Qwen3NextForCausalLM(cfg, with_mtp=False) on the meta device (no
-    storage; a few tens of ms for all 48 layers of the 80B)."""
+    storage; a few tens of ms for all 48 layers of the 80B); with `tp_size` > 1, rank 0's shard."""
+    return _meta_parts(cfg, dtype, quant, tp_size)[1]
+
+
+def _meta_parts(
+    cfg: ModelConfig, dtype: torch.dtype, quant: Fp8Config | None, tp_size: int
+) -> tuple[ParamCounts, WeightBytes]:
+    """Parameters and bytes by part of rank 0 of `tp_size` (TP1: the whole model), off a meta build."""
     # NOTE: read from the model, not counted from the config as param_counts does: which modules are FP8 (the rule
     # in layers/quant.py, or a checkpoint's own list) and the scales' shapes (partial blocks, the experts' packed
     # gate|up scales) live in the model, and a second copy of those rules here would drift from it.
+    ctx = ParallelContext(0, tp_size)
     with torch.device("meta"):
-        model = Qwen3NextForCausalLM(cfg, dtype=dtype, with_mtp=False, quant=quant)
+        model = Qwen3NextForCausalLM(cfg, dtype=dtype, with_mtp=False, quant=quant, ctx=ctx, comm=Communicator(ctx))
     size = dict.fromkeys(("embed", "lm_head", "dense", "routed"), 0)
-    fp8 = dict.fromkeys(size, 0)
+    fp8, numel = dict.fromkeys(size, 0), dict.fromkeys(size, 0)
     for name, p in model.named_parameters():  # a tied lm_head is the embedding's tensor: listed once, as embed
         part = "dense"
         if name.startswith("model.embed_tokens."):
@@ -197,9 +212,18 @@ def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, quant: Fp8Config | None =
             part = "routed"
         size[part] += p.numel() * p.element_size()
         fp8[part] += p.numel() if p.dtype == FP8_DTYPE else 0
+        numel[part] += p.numel()
     num_moe = sum(isinstance(m, Qwen3NextExperts) for m in model.modules())
     per_layer = num_moe * cfg.num_experts
-    return WeightBytes(
+    counts = ParamCounts(
+        embed=numel["embed"],
+        lm_head=numel["lm_head"],
+        dense=numel["dense"],
+        expert=numel["routed"] // per_layer if per_layer else 0,
+        num_experts=cfg.num_experts,
+        num_moe_layers=num_moe,
+    )
+    return counts, WeightBytes(
         embed=size["embed"],
         lm_head=size["lm_head"],
         dense=size["dense"],
@@ -217,16 +241,19 @@ def expected_experts(num_experts: int, top_k: int, tokens: int) -> float:
     return num_experts * (1 - (1 - top_k / num_experts) ** tokens)
 
 
-def kv_layout(cfg: ModelConfig, page_size: int, dtype: torch.dtype) -> KVLayout:
-    return KVLayout(len(cfg.full_attention_layers), page_size, cfg.num_key_value_heads, cfg.head_dim, dtype)
+def kv_layout(cfg: ModelConfig, page_size: int, dtype: torch.dtype, tp_size: int = 1) -> KVLayout:
+    """One rank's KV pages: its KV heads (one, replicated, past num_key_value_heads ranks)."""
+    heads = max(1, cfg.num_key_value_heads // tp_size)
+    return KVLayout(len(cfg.full_attention_layers), page_size, heads, cfg.head_dim, dtype)
 
 
-def state_layout(cfg: ModelConfig, dtype: torch.dtype, ssm_dtype: torch.dtype) -> StateLayout:
+def state_layout(cfg: ModelConfig, dtype: torch.dtype, ssm_dtype: torch.dtype, tp_size: int = 1) -> StateLayout:
+    """One rank's state slots: its conv channels and value heads."""
     return StateLayout(
         len(cfg.linear_attention_layers),
-        cfg.linear_conv_dim,
+        cfg.linear_conv_dim // tp_size,
         cfg.linear_conv_kernel_dim,
-        cfg.linear_num_value_heads,
+        cfg.linear_num_value_heads // tp_size,
         cfg.linear_key_head_dim,
         cfg.linear_value_head_dim,
         dtype,
@@ -241,45 +268,57 @@ def decode_bytes(
     batch: int,
     context: int,
     quant: Fp8Config | None = None,
+    tp_size: int = 1,
 ) -> dict[str, float]:
     """Bytes one decode step must move: the weights it touches as stored (all but the routed experts, the experts
     the batch hits, lm_head, B embedding rows; FP8 ones with their scales), the KV of B x C cached tokens, and every
-    state slot read and written."""
-    w = weight_bytes(cfg, dtype, quant)
+    state slot read and written. With `tp_size` > 1: what one rank moves (its shards; B / tp_size embedding rows
+    on average, each row living on one rank)."""
+    w = weight_bytes(cfg, dtype, quant, tp_size)
     experts = w.num_moe_layers * expected_experts(w.num_experts, cfg.num_experts_per_tok, batch) * w.expert
     weights = w.dense + w.lm_head + experts + batch * w.embed / cfg.vocab_size
-    kv_per_token = kv_layout(cfg, 1, dtype).page_bytes
+    kv_per_token = kv_layout(cfg, 1, dtype, tp_size).page_bytes
     kv = batch * context * kv_per_token
-    state = 2 * batch * state_layout(cfg, dtype, ssm_dtype).slot_bytes
+    state = 2 * batch * state_layout(cfg, dtype, ssm_dtype, tp_size).slot_bytes
     return {"weights": weights, "kv": kv, "state": state, "total": weights + kv + state}
 
 
-def prefill_flops(cfg: ModelConfig, length: int, chunk: int, quant: Fp8Config | None = None) -> dict[str, float]:
+def prefill_flops(
+    cfg: ModelConfig, length: int, chunk: int, quant: Fp8Config | None = None, tp_size: int = 1
+) -> dict[str, float]:
     """FLOPs of prefilling one sequence: 2 x active parameters per token (k routed experts + the shared one), the
     causal attention (4 x keys x Hq x D per token per attention layer; token p sees p + 1 keys), and lm_head at
-    the last token of each chunk. `weights_fp8` is the part of `weights` whose weights are FP8 (with `quant`)."""
-    n = param_counts(cfg)
+    the last token of each chunk. `weights_fp8` is the part of `weights` whose weights are FP8 (with `quant`).
+    With `tp_size` > 1: one rank's FLOPs (its shards, Hq / tp_size heads, V / tp_size logits)."""
+    n = param_counts(cfg, tp_size)
     per_token = n.dense + n.num_moe_layers * cfg.num_experts_per_tok * n.expert
     weights = 2 * per_token * length
     weights_fp8 = 0
     if quant is not None:
-        w = weight_bytes(cfg, torch.bfloat16, quant)  # the dtype does not change which weights are FP8
+        w = weight_bytes(cfg, torch.bfloat16, quant, tp_size)  # the dtype does not change which weights are FP8
         weights_fp8 = 2 * (w.dense_fp8 + w.num_moe_layers * cfg.num_experts_per_tok * w.expert_fp8) * length
     keys = length * (length + 1) // 2  # sum over tokens of the keys each one attends to
-    attention = len(cfg.full_attention_layers) * 4 * keys * cfg.num_attention_heads * cfg.head_dim
-    lm_head = 2 * cfg.hidden_size * cfg.vocab_size * math.ceil(length / chunk)
+    heads, vocab = cfg.num_attention_heads // tp_size, cfg.vocab_size // tp_size
+    attention = len(cfg.full_attention_layers) * 4 * keys * heads * cfg.head_dim
+    lm_head = 2 * cfg.hidden_size * vocab * math.ceil(length / chunk)
     total = weights + attention + lm_head
     return {"weights": weights, "weights_fp8": weights_fp8, "attention": attention, "lm_head": lm_head, "total": total}
 
 
 def check_weights_fit(
-    cfg: ModelConfig, dtype: torch.dtype, free_bytes: int | None, preset: str = "", quant: Fp8Config | None = None
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    free_bytes: int | None,
+    preset: str = "",
+    quant: Fp8Config | None = None,
+    tp_size: int = 1,
 ) -> int:
-    """The weights' bytes as stored (FP8 ones with their scales), before anything is allocated; ValueError when
-    they exceed `free_bytes` (None: unchecked)."""
-    need = weight_bytes(cfg, dtype, quant).total
+    """The weights' bytes as stored (FP8 ones with their scales; one rank's with `tp_size` > 1), before anything
+    is allocated; ValueError when they exceed `free_bytes` (None: unchecked)."""
+    need = weight_bytes(cfg, dtype, quant, tp_size).total
     if free_bytes is not None and need > free_bytes:
         what = "block-FP8" if quant is not None else str(dtype).removeprefix("torch.")
+        what += f" per rank (tensor parallel {tp_size})" if tp_size > 1 else ""
         raise ValueError(
             f"{preset or 'the model'} with {cfg.num_hidden_layers} layers needs {need / GiB:.1f} GiB of weights in "
             f"{what}, but the device has {free_bytes / GiB:.1f} GiB free; take fewer layers with --num-layers"

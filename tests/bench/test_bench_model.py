@@ -1,6 +1,6 @@
-"""`nextserve bench model` on CPU: the tiny preset end to end (bf16, fp8, both in one run), the byte / FLOP cost
-model on a hand-counted geometry (bf16 and block-FP8), the layer slice, the weight-fit check, random-weight scales,
-transformers on shared weights, and `bench config`'s config.json."""
+"""`nextserve bench model` on CPU: the tiny preset end to end (bf16, fp8, both in one run, and TP2 over gloo), the
+byte / FLOP cost model on a hand-counted geometry (bf16 and block-FP8) and per rank, the layer slice, the weight-fit
+check, random-weight scales, transformers on shared weights, and `bench config`'s config.json."""
 
 import dataclasses
 import gc
@@ -27,6 +27,7 @@ from nextserve.forward_batch import ForwardBatch
 from nextserve.layers.quant import Fp8Config
 from nextserve.model_config import ModelConfig
 from nextserve.models.qwen3_next import Qwen3NextForCausalLM
+from nextserve.parallel import Communicator, ParallelContext
 
 # H 4, 1 attention + 3 GDN layers, every layer MoE (4 experts, top 2): small enough to count by hand.
 HAND = dict(
@@ -327,6 +328,96 @@ def test_quantization_flag_is_checked():
     for bad in ("int4", "fp8,fp8", ""):
         with pytest.raises(Exception, match="expected distinct values"):
             bench_model._quantization_list(bad)
+
+
+# ---- tensor parallelism ---------------------------------------------------------------------------------------------
+def test_per_rank_cost_model_matches_a_built_rank():
+    """TP2 figures are rank 0's shard: its parameters and bytes as built, its KV heads and state, half the FLOPs."""
+    cfg, ctx = preset_config("tiny"), ParallelContext(0, 2)
+    rank = bench_model.build_model(cfg, torch.device("cpu"), torch.float32, ctx=ctx, comm=Communicator(ctx))
+    assert sum(p.numel() for p in rank.parameters()) == param_counts(cfg, 2).total
+    assert (
+        sum(p.numel() * p.element_size() for p in rank.parameters()) == weight_bytes(cfg, torch.float32, None, 2).total
+    )
+    whole, half = param_counts(cfg), param_counts(cfg, 2)
+    assert (half.routed, half.embed, half.lm_head) == (whole.routed / 2, whole.embed / 2, whole.lm_head / 2)
+    # The pools bench model makes for the rank are the ones its layers bind (per-rank heads, channels, value heads).
+    runner = bench_model.make_runner(rank, num_pages=2, num_slots=2, page_size=16, ssm_dtype=torch.float32)
+    assert runner.kv.k.shape[-2:] == (rank.attention_layers()[0].num_kv_heads, cfg.head_dim) == (1, 32)
+    b1, b2 = (decode_bytes(cfg, torch.float32, torch.float32, 3, 8, tp_size=n) for n in (1, 2))
+    assert (b2["kv"], b2["state"]) == (b1["kv"] / 2, b1["state"] / 2)
+    assert b1["weights"] / 2 < b2["weights"] < 0.52 * b1["weights"]  # norms and routers are replicated
+    f1, f2 = (prefill_flops(cfg, 20, 16, tp_size=n) for n in (1, 2))
+    assert (f2["attention"], f2["lm_head"]) == (f1["attention"] / 2, f1["lm_head"] / 2)
+    assert f1["weights"] / 2 < f2["weights"] < 0.52 * f1["weights"]
+
+
+def test_tp2_end_to_end_on_cpu(tmp_path, capsys):
+    """--tp-size 2 on the CPU: two gloo processes run every point in lockstep; rank 0's table and JSON come back."""
+    r = _small_run(tmp_path, "--batch-sizes", "1,2", "--tp-size", "2")
+    assert (r["tp_size"], r["dist_backend"], r["rank_devices"], r["roofline_applies"]) == (
+        2,
+        "gloo",
+        ["cpu"] * 2,
+        False,
+    )
+    assert "--tp-size 2 --dist-backend gloo" in r["command"]
+    cfg = preset_config("tiny")
+    assert r["weight_bytes"] == weight_bytes(cfg, torch.float32, None, 2).total
+    assert r["params"] == dataclasses.asdict(param_counts(cfg))
+    assert r["params_per_rank"] == dataclasses.asdict(param_counts(cfg, 2))
+    assert [(p["batch"], p["context"]) for p in r["decode"]] == [(1, 8), (2, 8)]
+    for p in r["decode"] + r["prefill"]:
+        assert "skipped" not in p and math.isfinite(p["tokens_per_s"]) and p["tokens_per_s"] > 0
+    d, p = r["decode"][1], r["prefill"][0]
+    assert d["bytes"] == pytest.approx(decode_bytes(cfg, torch.float32, torch.float32, 2, 8, tp_size=2))
+    assert d["floor_tokens_per_s"] == pytest.approx(2 * r["roofline"]["copy_bandwidth"] / d["bytes"]["total"])
+    assert p["flops"] == pytest.approx(prefill_flops(cfg, 20, 16, tp_size=2))
+    assert 0 < d["experts_touched"] <= cfg.num_experts
+    out = capsys.readouterr().out
+    assert "tensor parallel 2 over gloo" in out and "decode B=2 C=8" in out and "prefill N=20" in out
+    assert "roofline (one process alone on the device) does not apply" in out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tp-size", "3"], "tensor-parallel size 3 does not fit this model: num_attention_heads=4"),
+        (["--tp-size", "4"], "linear_num_key_heads=2 is not divisible by 4"),
+        (["--tp-size", "2", "--quantization", "fp8"], "per rank cut a 128-wide block"),
+        (["--tp-size", "0"], "--tp-size must be >= 1"),
+        (["--tp-size", "2", "--dist-backend", "nccl"], "--dist-backend nccl needs CUDA devices"),
+    ],
+)
+def test_invalid_tp_sizes_are_clear_errors_before_any_process(monkeypatch, capsys, flags, message):
+    import torch.multiprocessing as mp
+
+    def no_start(*a, **k):
+        raise AssertionError("no rank process may start")
+
+    monkeypatch.setattr(mp, "start_processes", no_start)
+    assert cli.main(["bench", "model", "--preset", "tiny", "--device", "cpu", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tp_rank_devices_and_backend_on_one_gpu(monkeypatch):
+    """On a machine with one GPU (faked): NCCL takes one GPU per rank, gloo may put every rank on the named GPU."""
+    from nextserve.bench.model_tp import plan
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+    def args(device: str, backend: str | None = None):
+        return bench_model.argparse.Namespace(tp_size=2, device=device, dist_backend=backend)
+
+    with pytest.raises(ValueError, match=r"puts rank r on cuda:r, but 1 GPU\(s\) are visible"):
+        plan(args("cuda"))
+    with pytest.raises(ValueError, match="NCCL needs one GPU per rank"):
+        plan(args("cuda:0"))
+    device, backend, devices = plan(args("cuda:0", "gloo"))
+    assert (backend, devices) == ("gloo", [torch.device("cuda", 0)] * 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert plan(args("cuda")) == (torch.device("cuda"), "nccl", [torch.device("cuda", 0), torch.device("cuda", 1)])
 
 
 # ---- bench config ---------------------------------------------------------------------------------------------------
