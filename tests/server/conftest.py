@@ -52,6 +52,18 @@ class LiveServer:
         self._sock.close()
 
 
+def real_engine_server(model_dir, **engine_kwargs) -> Iterator[LiveServer]:
+    """The real engine on `model_dir` (fp32, CPU) behind the app with both parsers; for module fixtures."""
+    from nextserve.config import EngineConfig
+    from nextserve.engine.async_engine import AsyncEngine
+    from nextserve.engine.engine import Engine
+
+    cfg = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", disable_tqdm=True, **engine_kwargs)
+    live = LiveServer(AsyncEngine(Engine(cfg)), reasoning_parser="qwen3", tool_call_parser="qwen")
+    yield live
+    live.stop()
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(default_model_path())

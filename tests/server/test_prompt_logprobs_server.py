@@ -9,21 +9,15 @@ import pytest
 import torch
 
 from nextserve import LLM, SamplingParams
-from nextserve.config import EngineConfig
-from nextserve.engine.async_engine import AsyncEngine
-from nextserve.engine.engine import Engine
 
-from .conftest import MODEL, LiveServer
+from .conftest import MODEL, real_engine_server
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs home."
 
 
 @pytest.fixture(scope="module")
 def real(tiny_model_dir):
-    cfg = EngineConfig(model=str(tiny_model_dir), dtype="float32", device="cpu", disable_tqdm=True, page_size=16)
-    live = LiveServer(AsyncEngine(Engine(cfg)), reasoning_parser="qwen3", tool_call_parser="qwen")
-    yield live
-    live.stop()
+    yield from real_engine_server(tiny_model_dir, page_size=16)
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,7 @@ import httpx
 import openai
 import pytest
 
-from nextserve.config import EngineConfig
-from nextserve.engine.async_engine import AsyncEngine
-from nextserve.engine.engine import Engine
-
-from .conftest import MODEL, LiveServer
+from .conftest import MODEL, LiveServer, real_engine_server
 from .fake_engine import FakeEngine
 
 WEATHER = {
@@ -123,10 +119,7 @@ def test_bad_requests(server: LiveServer, body: dict, status: int, param: str | 
 
 @pytest.fixture(scope="module")
 def real(tiny_model_dir):
-    cfg = EngineConfig(model=str(tiny_model_dir), dtype="float32", device="cpu", disable_tqdm=True, page_size=16)
-    live = LiveServer(AsyncEngine(Engine(cfg)), reasoning_parser="qwen3", tool_call_parser="qwen")
-    yield live
-    live.stop()
+    yield from real_engine_server(tiny_model_dir, page_size=16)
 
 
 def test_real_engine_text_equals_chat(real: LiveServer) -> None:
