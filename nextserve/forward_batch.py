@@ -14,6 +14,15 @@ from dataclasses import dataclass, field
 import torch
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A host list (or tensor) on `device`. On CUDA the copy goes through pinned memory and does not block the host:
+    a copy from pageable memory would wait for every kernel queued before it, which an overlapped step must not."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class ForwardBatch:
     positions: torch.Tensor  # [T] int64, absolute position of each token
@@ -103,7 +112,7 @@ class ForwardBatch:
         table = [p + [0] * (width - len(p)) for p in page_tables]
 
         def t(x, dtype):
-            return torch.tensor(x, dtype=dtype, device=device)
+            return to_device(x, dtype, device)
 
         return cls(
             positions=t(positions, torch.int64),

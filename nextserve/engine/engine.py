@@ -38,6 +38,7 @@ from nextserve.engine.scheduler import ScheduledSeq, Scheduler
 from nextserve.engine.spec_decode import SpecDecoder
 from nextserve.engine.state_pool import StateLayout, StatePool
 from nextserve.engine.structured import GrammarCache
+from nextserve.forward_batch import to_device
 from nextserve.loader.model_loader import (
     build_dummy_model,
     load_generation_defaults,
@@ -407,7 +408,10 @@ class Engine:
         if plain:
             # NOTE: the forward is queued on the device by now, so grammar masks fill on the host while it runs.
             rows = [self.sampling_row(sampling[i].seq) for i in plain]
-            plain_logits = logits[[offsets[i] for i in plain]]
+            picked = [offsets[i] for i in plain]
+            # A decode batch samples every row: a slice, not an index list (whose copy to the device would wait).
+            whole = picked == list(range(len(picked)))
+            plain_logits = logits[: len(picked)] if whole else logits[to_device(picked, torch.int64, self.device)]
             plain_tokens = sample(plain_logits, build_sampling_batch(rows, logits.shape[-1], self.device)).token_ids
             for j, i in enumerate(plain):
                 seq = sampling[i].seq
@@ -471,7 +475,7 @@ class Engine:
             if lo >= hi:
                 continue
             k = seq.params.prompt_logprobs
-            targets = torch.tensor(seq.token_ids[lo + 1 : hi + 1], device=self.device)
+            targets = to_device(seq.token_ids[lo + 1 : hi + 1], torch.int64, self.device)
             token_lp, top_ids, top_lp = [], [], []
             for a in range(lo, hi, PROMPT_LOGPROBS_ROWS):  # bounded [rows, vocab] fp32 at a time
                 b = min(a + PROMPT_LOGPROBS_ROWS, hi)

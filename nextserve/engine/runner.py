@@ -13,7 +13,7 @@ from nextserve.engine.cuda_graph import DecodeGraphs
 from nextserve.engine.kv_pool import KVPool
 from nextserve.engine.scheduler import ScheduledSeq
 from nextserve.engine.state_pool import StatePool
-from nextserve.forward_batch import ForwardBatch
+from nextserve.forward_batch import ForwardBatch, to_device
 from nextserve.models.qwen3_next import Qwen3NextForCausalLM
 
 
@@ -66,10 +66,10 @@ class ModelRunner:
             device=self.device,
             snapshots=list(snapshots),
         )
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        input_ids = to_device(ids, torch.int64, self.device)
         if pending is not None:
             rows, values = pending
-            input_ids[rows] = values
+            input_ids[to_device(rows, torch.int64, self.device)] = values
         return input_ids, batch
 
     @torch.inference_mode()

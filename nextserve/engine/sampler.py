@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from nextserve.engine.structured import apply_token_bitmask
+from nextserve.forward_batch import to_device
 from nextserve.sampling_params import SamplingParams
 
 
@@ -102,7 +103,7 @@ def build_sampling_batch(rows: Sequence[SamplingRow], vocab_size: int, device: t
     # One host-to-device copy for all per-row scalars; top_k is exact in f32 for vocabularies below 2**24.
     names = ["temperature", "greedy", "top_p", "log_min_p", "repetition", "frequency", "presence", "top_k"]
     values = [temperature, greedy, top_p, log_min_p, repetition, frequency, presence, top_k]
-    column = dict(zip(names, _to_device(torch.tensor(values, dtype=torch.float32), device)))  # each [B]
+    column = dict(zip(names, to_device(values, torch.float32, device)))  # each [B]
 
     batch = SamplingBatch(
         temperature=column["temperature"],
@@ -134,14 +135,14 @@ def build_sampling_batch(rows: Sequence[SamplingRow], vocab_size: int, device: t
 
     masked = [i * vocab_size + t for i, r in enumerate(rows) for t in r.masked_ids]
     if masked:
-        batch.masked_flat = _to_device(torch.tensor(masked, dtype=torch.long), device)
+        batch.masked_flat = to_device(masked, torch.long, device)
     if any(r.token_mask is not None for r in rows):
         # One bitmask for the batch, filled on the host by each constrained row's matcher, one copy to the device.
         bitmask = torch.full((len(rows), -(-vocab_size // 32)), -1, dtype=torch.int32)
         for i, r in enumerate(rows):
             if r.token_mask is not None:
                 r.token_mask(bitmask, i)
-        batch.token_bitmask = _to_device(bitmask, device)
+        batch.token_bitmask = to_device(bitmask, bitmask.dtype, device)
     return batch
 
 
@@ -253,14 +254,7 @@ def _token_counts(history: list[Sequence[int]], vocab_size: int, device: torch.d
     for i, h in enumerate(history):
         if h:
             padded[i, : len(h)] = torch.as_tensor(h, dtype=torch.long)
-    padded = _to_device(padded, device)
+    padded = to_device(padded, padded.dtype, device)
     counts = torch.zeros(len(history), vocab_size + 1, dtype=torch.float32, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
     return counts[:, :vocab_size]
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor to device; through pinned memory on CUDA so that the copy does not block the host."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
