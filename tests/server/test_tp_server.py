@@ -140,3 +140,15 @@ def test_two_nodes_on_one_machine_generate_what_one_process_does(tmp_path):
     with LLM(device="cpu", dtype="float32", disable_tqdm=True) as llm:
         want = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids
     assert got == want
+
+
+def test_a_killed_server_leaves_no_rank_behind():
+    proc, _, _ = start("--tp-size", "2")
+    workers = rank_workers(proc.pid)
+    assert workers
+    proc.kill()  # SIGKILL: no handler runs; each rank notices its parent is gone
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(w) for w in workers), "a rank outlived its killed server"
