@@ -180,6 +180,13 @@ class EngineConfig:
     dist_init_addr: str | None = field(
         default=None, metadata={"help": "HOST:PORT of node 0, where the nodes meet (with --nnodes > 1)"}
     )
+    dist_backend: str | None = field(
+        default=None,
+        metadata={
+            "help": "collectives between ranks: nccl or gloo (default: nccl on GPUs, gloo on CPUs); gloo with "
+            "--device cuda:N runs every rank on that one GPU (a check of the sharded kernels, not a deployment)"
+        },
+    )
     num_kv_pages: int | None = field(default=None, metadata={"help": "fix the number of KV pages (tests, debugging)"})
     disable_tqdm: bool = field(default=False, metadata={"help": "no progress bars"})
 
@@ -222,6 +229,7 @@ class EngineConfig:
         need(self.context_length is None or self.context_length >= 2, "--context-length must be >= 2")
         need(self.tp_size >= 1, "--tp-size must be >= 1")
         need(self.nnodes >= 1 and 0 <= self.node_rank < self.nnodes, "--node-rank must be in [0, --nnodes)")
+        need(self.dist_backend in (None, "nccl", "gloo"), "--dist-backend must be nccl or gloo")
         need(self.tp_size % self.nnodes == 0, f"--nnodes {self.nnodes} must divide --tp-size {self.tp_size}")
         need(
             self.nnodes == 1 or self.dist_init_addr is not None,

@@ -63,7 +63,15 @@ def check_parallel_config(config: EngineConfig) -> None:
     model_dir = config.model or _default_model_dir()
     check_tp_size(ModelConfig.from_pretrained(model_dir, config.model_overrides()), config.tp_size)
     per_node = config.tp_size // config.nnodes
-    if config.device != "cpu" and torch.cuda.is_available() and per_node > torch.cuda.device_count():
+    if config.device.startswith("cuda:") and config.dist_backend != "gloo":
+        raise ValueError(
+            f"--device {config.device} puts every rank on one GPU, which only --dist-backend gloo can do (NCCL "
+            "needs a GPU per rank); use --device cuda"
+        )
+    if config.dist_backend == "nccl" and (config.device == "cpu" or not torch.cuda.is_available()):
+        raise ValueError("--dist-backend nccl needs GPUs; on a CPU the ranks use gloo")
+    shared = config.device.startswith("cuda:")  # every rank on that one GPU
+    if config.device != "cpu" and not shared and torch.cuda.is_available() and per_node > torch.cuda.device_count():
         raise ValueError(
             f"--tp-size {config.tp_size} over {config.nnodes} node(s) needs {per_node} GPUs on this node; "
             f"{torch.cuda.device_count()} are visible"
@@ -88,12 +96,14 @@ class _RankEngine(Engine):
     def __init__(self, config: EngineConfig, local_rank: int):
         pc = ParallelConfig(config.tp_size, config.nnodes, config.node_rank, config.dist_init_addr)
         device = "cpu" if config.device == "cpu" or not torch.cuda.is_available() else "cuda"
-        self.ctx, self.comm = init_distributed(pc, local_rank, device)
+        if device == "cuda" and config.device.startswith("cuda:"):
+            device = config.device  # an explicit GPU: every local rank on it (over gloo: the kernels' check)
+        self.ctx, self.comm = init_distributed(pc, local_rank, device, backend=config.dist_backend)
         import torch.distributed as dist
 
         # Commands travel as Python objects over a gloo group, also when the tensors go through NCCL.
         self.control = dist.new_group(backend="gloo")
-        if device == "cuda":
+        if device.startswith("cuda"):
             config = dataclasses.replace(config, device=f"cuda:{torch.cuda.current_device()}")
         super().__init__(config, ctx=self.ctx, comm=self.comm)
 

@@ -92,6 +92,11 @@ def test_sizes_the_model_cannot_split_fail_before_any_process_starts(checkpoints
     assert not multiprocessing.active_children()
     with pytest.raises(ValueError, match="--nnodes 3 must divide --tp-size 2"):
         LLM(model=str(checkpoints["v3k"]), device="cpu", disable_tqdm=True, tp_size=2, nnodes=3)
+    with pytest.raises(ValueError, match="only --dist-backend gloo can do"):
+        LLM(model=str(checkpoints["v3k"]), device="cuda:0", disable_tqdm=True, tp_size=2)
+    with pytest.raises(ValueError, match="--dist-backend nccl needs GPUs"):
+        LLM(model=str(checkpoints["v3k"]), device="cpu", disable_tqdm=True, tp_size=2, dist_backend="nccl")
+    assert not multiprocessing.active_children()
 
 
 def test_tp2_guided_decoding_equals_tp1(checkpoints):
