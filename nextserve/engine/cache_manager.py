@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 from nextserve.engine.kv_pool import KVPool
 from nextserve.engine.prefix_cache import Freed, Match, PrefixTree
-from nextserve.engine.request import SeqStatus, Sequence
+from nextserve.engine.request import Sequence
 from nextserve.engine.state_pool import StatePool
 
 
@@ -110,7 +110,12 @@ class CacheManager:
         if self.states.num_free == 0:
             return False
         locked = self.tree.unlocked_on_path(match.node) if match.node is not None else 0
+        locked += self._root_tail(match) is not None  # held while its page is copied
         return self._pages_to_admit(match, num_tokens) <= self.available_pages() - locked
+
+    def _root_tail(self, match: Match):
+        """The matched tail when it hangs at the root: no lock keeps it, so admission holds it out of eviction."""
+        return match.tail if match.tail is not None and match.node is self.tree.root else None
 
     def admit(self, seq: Sequence, match: Match, num_tokens: int) -> None:
         """Locks the matched path, gives seq a slot (the snapshot copied in) and its pages (the path's shared, a
@@ -121,6 +126,9 @@ class CacheManager:
             self.queried_tokens += len(seq.token_ids)
             seq.tree_node = match.node
             seq.branch_point = match.kv_length if match.kv_length > match.length else None
+        root_tail = self._root_tail(match) if match.node is not None else None
+        if root_tail is not None:
+            self.tree.detach_root_tail(root_tail)
         new_pages = self._allocate_pages(self._pages_to_admit(match, num_tokens))
         seq.slot = self.states.allocate()
         if match.length:
@@ -128,6 +136,8 @@ class CacheManager:
             if match.tail is not None:
                 self.kv.copy_page(match.tail.page, new_pages[0])
             self.hit_tokens += match.length
+        if root_tail is not None:
+            self.tree.attach(self.tree.root, root_tail.tokens, root_tail.slot, root_tail.page)
         seq.pages = match.pages + new_pages
         seq.num_shared_pages = len(match.pages)
         seq.num_cached = match.length
@@ -175,9 +185,6 @@ class CacheManager:
         self._planned -= len(plan)
         for b, offset, slot in plan:
             seq = batch[b].seq
-            if seq.status is not SeqStatus.RUNNING:
-                self.states.free(slot)
-                continue
             node = self._share(seq, firsts[b] + offset)
             if not self.tree.attach(node, (), slot, None):
                 self.states.free(slot)  # a sequence batched beside this one took the same snapshot

@@ -412,6 +412,10 @@ class Engine:
             # A decode batch samples every row: a slice, not an index list (whose copy to the device would wait).
             whole = picked == list(range(len(picked)))
             plain_logits = logits[: len(picked)] if whole else logits[to_device(picked, torch.int64, self.device)]
+            if any(sampling[i].seq.params.logprobs is not None for i in plain):
+                # The process half reads these for logprobs after the next step is launched: a replayed graph's
+                # outputs would be the next step's by then.
+                plain_logits = plain_logits.clone()
             plain_tokens = sample(plain_logits, build_sampling_batch(rows, logits.shape[-1], self.device)).token_ids
             for j, i in enumerate(plain):
                 seq = sampling[i].seq
@@ -528,8 +532,11 @@ class Engine:
             self.spec.draft(scheduled, step.hidden, step.starts, t_target, ntok)
         for seq in self._finishing:
             self.scheduler.finish(seq)
+        # A request aborted since the launch is gone, and its id may already name a new request: skip it.
         touched: dict[str, Request] = {
-            s.seq.request.request_id: s.seq.request for s in sampling if s.seq.request.request_id in self.requests
+            s.seq.request.request_id: s.seq.request
+            for s in sampling
+            if self.requests.get(s.seq.request.request_id) is s.seq.request
         }
         outputs = []
         for rid, req in touched.items():

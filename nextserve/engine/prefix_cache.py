@@ -16,9 +16,12 @@ the recency of what they touch. Eviction takes the least recently used entry off
 invalidated entries (stale ones are skipped when popped): unlocked leaves (their pages) and snapshots (their slots).
 A leaf left with no snapshot, no tail and no lock is useless (no lookup can stop there) and is pruned at once.
 
-`evictable_pages` counts the pages that leaf eviction could free (pages and tail pages of unlocked nodes below
-the root): the cache manager's `can_grow`/`can_admit` add it to the free list. `num_pages` counts every page the
-tree holds and `locked_pages` those of nodes on a locked path (read by running sequences), for the metrics.
+`evictable_pages` counts the pages that page eviction could free: pages and tail pages of unlocked nodes below the
+root, and the root's tails (a sequence shorter than a page leaves its tail there; sequences reusing one copy its
+page, so a root tail is never locked). Page eviction takes the least recently used of the unlocked leaves and the
+root's tails (a third heap). The cache manager's `can_grow`/`can_admit` add `evictable_pages` to the free list.
+`num_pages` counts every page the tree holds and `locked_pages` those of nodes on a locked path (read by running
+sequences), for the metrics.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class PrefixTree:
         self._serial = itertools.count()
         self._leaves: list[tuple[int, int, Node]] = []  # (last_used, serial, node)
         self._snapshots: list[tuple[int, int, Node, tuple[int, ...] | None]] = []  # (stamp, serial, node, tail)
+        self._root_tails: list[tuple[int, int, tuple[int, ...]]] = []  # (stamp, serial, tail tokens)
 
     # ---- lookup (read-only) --------------------------------------------------------------------------------
     def match(self, tokens: list[int], limit: int) -> Match:
@@ -236,7 +240,7 @@ class PrefixTree:
         if tail_tokens:
             tail = node.tails[tail_tokens] = Tail(node, tail_tokens, tail_page, slot, now)
             self.num_pages += 1
-            if node.lock == 0 and node is not self.root:
+            if node is self.root or node.lock == 0:
                 self.evictable_pages += 1
             self._offer_snapshot(node, tail)
         else:
@@ -244,6 +248,14 @@ class PrefixTree:
             self._offer_snapshot(node, None)
         self.num_snapshots += 1
         return True
+
+    def detach_root_tail(self, tail: Tail) -> None:
+        """Takes a root tail out of the tree (and out of eviction's reach) while its page is copied; `attach` puts
+        it back."""
+        del self.root.tails[tail.tokens]
+        self.num_snapshots -= 1
+        self.num_pages -= 1
+        self.evictable_pages -= 1
 
     # ---- eviction ------------------------------------------------------------------------------------------
     def _offer_leaf(self, node: Node) -> None:
@@ -254,7 +266,14 @@ class PrefixTree:
     def _offer_snapshot(self, node: Node, tail: Tail | None) -> None:
         stamp = tail.last_used if tail is not None else node.snapshot_used
         heapq.heappush(self._snapshots, (stamp, next(self._serial), node, tail.tokens if tail else None))
+        if node is self.root and tail is not None:
+            heapq.heappush(self._root_tails, (stamp, next(self._serial), tail.tokens))
         self._compact()
+
+    def _root_tail_entry_valid(self, entry) -> bool:
+        stamp, _, tokens = entry
+        t = self.root.tails.get(tokens)
+        return t is not None and t.last_used == stamp
 
     def _leaf_entry_valid(self, entry) -> bool:
         stamp, _, node = entry
@@ -277,13 +296,25 @@ class PrefixTree:
         if len(self._snapshots) > 2 * self.num_snapshots + 64:
             self._snapshots = [e for e in self._snapshots if self._snapshot_entry_valid(e)]
             heapq.heapify(self._snapshots)
+        if len(self._root_tails) > 2 * len(self.root.tails) + 64:
+            self._root_tails = [e for e in self._root_tails if self._root_tail_entry_valid(e)]
+            heapq.heapify(self._root_tails)
 
     def pop_lru_leaf(self) -> Freed | None:
-        """Removes the least recently used unlocked leaf (its pages, snapshot and tails); None when none is left."""
-        while self._leaves:
-            entry = heapq.heappop(self._leaves)
-            if self._leaf_entry_valid(entry):
-                return self._remove_leaf(entry[2])
+        """Frees pages: removes the least recently used of the unlocked leaves (pages, snapshot and tails) and the
+        root's tails (page and slot); None when there is neither."""
+        while self._leaves and not self._leaf_entry_valid(self._leaves[0]):
+            heapq.heappop(self._leaves)
+        while self._root_tails and not self._root_tail_entry_valid(self._root_tails[0]):
+            heapq.heappop(self._root_tails)
+        if self._root_tails and (not self._leaves or self._root_tails[0][0] < self._leaves[0][0]):
+            tail = self.root.tails.pop(heapq.heappop(self._root_tails)[2])
+            self.num_snapshots -= 1
+            self.num_pages -= 1
+            self.evictable_pages -= 1
+            return Freed(pages=[tail.page], slots=[tail.slot], snapshots=1)
+        if self._leaves:
+            return self._remove_leaf(heapq.heappop(self._leaves)[2])
         return None
 
     def pop_lru_snapshot(self) -> Freed | None:
@@ -302,7 +333,7 @@ class PrefixTree:
                 freed.slots.append(tail.slot)
                 freed.pages.append(tail.page)
                 self.num_pages -= 1
-                if node.lock == 0 and node is not self.root:
+                if node is self.root or node.lock == 0:
                     self.evictable_pages -= 1
             self.num_snapshots -= 1
             return freed.add(self.prune(node))
@@ -362,7 +393,10 @@ class PrefixTree:
     def check(self) -> None:
         """The tree's invariants, its counters and its heaps: every unlocked leaf and every snapshot can be found by
         eviction."""
-        snapshots = evictable = nodes = pages = locked = 0
+        snapshots = nodes = pages = locked = 0
+        evictable = len(self.root.tails)
+        root_tails = {e[2] for e in self._root_tails if self._root_tail_entry_valid(e)}
+        assert set(self.root.tails) <= root_tails, "a root tail that page eviction cannot find"
         leaves = {id(e[2]) for e in self._leaves if self._leaf_entry_valid(e)}
         snaps = {(id(e[2]), e[3]) for e in self._snapshots if self._snapshot_entry_valid(e)}
         for node in self.iter_nodes():

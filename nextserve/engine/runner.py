@@ -88,7 +88,7 @@ class ModelRunner:
                 pending,
             )
             if not all(s.samples for s in scheduled):  # a one-token prefill chunk that does not end its prompt
-                logits = logits[[i for i, s in enumerate(scheduled) if s.samples]]
+                logits = logits[to_device([i for i, s in enumerate(scheduled) if s.samples], torch.int64, self.device)]
             return hidden, logits
         input_ids, batch = self.prepare(scheduled, snapshots, pending)
         hidden = self.model(input_ids, batch)

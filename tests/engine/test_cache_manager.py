@@ -204,3 +204,24 @@ def test_can_answers_are_promises_and_a_no_changes_nothing():
     assert m.length == 24 and cm.available_pages() == 6
     assert not cm.can_admit(m, 25) and cm.can_admit(m, 24)
     cm.check_integrity([], [])
+
+
+def test_a_matched_root_tail_is_not_evicted_while_it_is_copied():
+    """A sequence shorter than a page leaves a tail at the root, which no lock keeps: admitting a sequence that
+    resumes from it must not let its own page allocation evict it before its page and state are copied."""
+    cm = make(pages=2, snapshots=4)
+    cached(cm, [1, 2, 3], 0)
+    tail = cm.tree.root.tails[(1, 2, 3)]
+    cm.kv.k[:, tail.page] = 7.0
+    assert cm.tree.evictable_pages == 1 and cm.kv.num_free == 1
+    s = seq(1, [1, 2, 3, 9, 9, 9, 9, 9])
+    m = cm.match(s)
+    assert m.length == 3 and m.tail is tail
+    assert not cm.can_admit(m, 8), "two fresh pages would need the tail's own page"
+    assert cm.can_admit(m, 4)
+    cm.admit(s, m, 4)
+    assert (cm.kv.k[:, s.pages[0]] == 7.0).all() and s.pages[0] != tail.page
+    back = cm.tree.root.tails[(1, 2, 3)]
+    assert (back.page, back.slot) == (tail.page, tail.slot)
+    s.status = SeqStatus.RUNNING
+    cm.check_integrity([s], [])

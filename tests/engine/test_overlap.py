@@ -15,13 +15,17 @@ def ids(n: int, seed: int) -> list[int]:
 
 
 def workload(seed: int):
-    """(prompt, params) per request: shared prefixes, stop ids that hit early, penalties on some."""
+    """(prompt, params) per request: shared prefixes, stop ids that hit early, penalties, n > 1, prompt logprobs and
+    max_tokens 0 on some."""
     rng = random.Random(seed)
     base = ids(40, seed)
     out = []
     for i in range(14):
         prompt = base[: rng.randint(0, 40)] + ids(rng.randint(4, 50), seed * 100 + i)
-        kw = dict(temperature=0, max_tokens=rng.randint(1, 24), logprobs=1 if i % 5 == 0 else None)
+        kw = dict(temperature=0, max_tokens=rng.choice([0, 1, 3, 8, 16, 24]), logprobs=1 if i % 5 == 0 else None)
+        kw["n"] = rng.choice([1, 1, 2])
+        if i % 4 == 1:
+            kw["prompt_logprobs"] = rng.choice([0, 2])
         if i % 3 == 0:
             kw["stop_token_ids"] = [rng.randrange(10, 1200) for _ in range(40)]  # some hit within a few tokens
         if i % 7 == 3:
@@ -61,8 +65,9 @@ def run(path, overlap: bool, seed: int, **kw):
     eng.check_integrity()
     stats = {"overlapped": eng.num_overlapped_steps, "preemptions": eng.scheduler.num_preemptions}
     result = {
-        rid: [(c.token_ids, c.finish_reason, c.stop_reason, c.text, [lp.token_id for lp in c.logprobs or []])
-              for c in out.outputs]
+        rid: ([(c.token_ids, c.finish_reason, c.stop_reason, c.text, [lp.token_id for lp in c.logprobs or []])
+               for c in out.outputs],
+              [(p.token_id, round(p.logprob, 4)) if p else None for p in out.prompt_logprobs or []])
         for rid, out in done.items()
     }  # fmt: skip
     eng.cache.clear()
