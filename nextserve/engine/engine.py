@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from nextserve.config import EngineConfig
+from nextserve.engine import prompt_logprobs
 from nextserve.engine.cache_manager import CacheManager
 from nextserve.engine.cuda_graph import supports_graphs
 from nextserve.engine.detokenizer import IncrementalDetokenizer
@@ -54,9 +55,6 @@ from nextserve.outputs import RequestOutput, TokenLogprob
 from nextserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-# Prompt log-probabilities are computed this many positions at a time ([rows, vocab] fp32 logits each).
-PROMPT_LOGPROBS_ROWS = 256
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,20 +87,9 @@ class LaunchedStep:
     plain_tokens: torch.Tensor | None  # [len(plain)] int64, on the device
     starts: dict[int, tuple[int, int]]  # seq_id -> (first position, first hidden row) computed this step
     t_start: float
-    prompt_scores: list[tuple[Sequence, PromptScores]]
+    prompt_scores: list[prompt_logprobs.PromptScores]
     host_tokens: torch.Tensor | None  # plain_tokens on the host, once `ready` has fired
     ready: torch.cuda.Event | None
-
-
-@dataclass
-class PromptScores:
-    """Prompt log-probabilities computed in a step, on the device: tokens first+1 .. first+len, scored by the
-    logits at positions first .. first+len-1."""
-
-    first: int
-    token_logprobs: torch.Tensor  # [n]
-    top_ids: torch.Tensor | None  # [n, k]
-    top_logprobs: torch.Tensor | None
 
 
 class Engine:
@@ -401,7 +388,7 @@ class Engine:
         # any later step reads them): the next step's admissions can resume from them, and a sequence that finishes
         # when this step is processed donates its cache after them.
         self.cache.commit_snapshots(scheduled, snapshots, [starts[s.seq.seq_id][0] for s in scheduled])
-        prompt_scores = self._score_prompts(scheduled, hidden, starts)
+        prompt_scores = prompt_logprobs.score(self.model, scheduled, hidden, starts, self.device)
         plain = [i for i, s in enumerate(sampling) if not s.draft]
         plain_logits = plain_tokens = None
         host_tokens = ready = None
@@ -465,34 +452,6 @@ class Engine:
         ready.record()
         return host, ready
 
-    def _score_prompts(self, scheduled, hidden: torch.Tensor, starts) -> list[tuple[Sequence, PromptScores]]:
-        """Log-probabilities of the prompt tokens this step's chunks predict, for sequences that asked (on the
-        device; the process half reads them). Position p's logits score prompt token p + 1."""
-        out = []
-        for s in scheduled:
-            seq = s.seq
-            if not seq.wants_prompt_logprobs:
-                continue
-            first, row = starts[seq.seq_id]
-            lo = max(first, len(seq.prompt_logprobs) - 1)  # positions scored before a preemption are kept
-            hi = min(first + s.num_tokens, seq.num_prompt - 1)
-            if lo >= hi:
-                continue
-            k = seq.params.prompt_logprobs
-            targets = to_device(seq.token_ids[lo + 1 : hi + 1], torch.int64, self.device)
-            token_lp, top_ids, top_lp = [], [], []
-            for a in range(lo, hi, PROMPT_LOGPROBS_ROWS):  # bounded [rows, vocab] fp32 at a time
-                b = min(a + PROMPT_LOGPROBS_ROWS, hi)
-                lp = torch.log_softmax(self.model.compute_logits(hidden[row + a - first : row + b - first]).float(), -1)
-                token_lp.append(lp.gather(1, targets[a - lo : b - lo, None])[:, 0])
-                if k:
-                    top = torch.topk(lp, k, dim=-1)
-                    top_ids.append(top.indices)
-                    top_lp.append(top.values)
-            cat = torch.cat
-            out.append((seq, PromptScores(lo, cat(token_lp), cat(top_ids) if k else None, cat(top_lp) if k else None)))
-        return out
-
     def _process(self, step: LaunchedStep) -> list[RequestOutput]:
         """Reads the step's results, commits them, and returns the outputs of the requests that progressed."""
         scheduled, sampling = step.scheduled, step.sampling
@@ -512,15 +471,7 @@ class Engine:
             accepted = self.spec.accept([s for _, s in verify], groups, scheduled, step.scratch)
             for (_, s), group, tokens in zip(verify, groups, accepted):
                 appended.append((s.seq, tokens, group[: len(tokens)]))
-        for seq, scores in step.prompt_scores:
-            if seq.finished:
-                continue
-            ids = seq.token_ids[scores.first + 1 : scores.first + 1 + len(scores.token_logprobs)]
-            lps = scores.token_logprobs.tolist()
-            top_ids = scores.top_ids.tolist() if scores.top_ids is not None else [[]] * len(lps)
-            top_lp = scores.top_logprobs.tolist() if scores.top_logprobs is not None else [[]] * len(lps)
-            for tok, lp, ti, tl in zip(ids, lps, top_ids, top_lp):
-                seq.prompt_logprobs.append(TokenLogprob(tok, lp, list(zip(ti, tl))))
+        prompt_logprobs.record(step.prompt_scores)
         for seq, tokens, rows_logits in appended:
             if seq.request.max_tokens == 0:  # score the prompt only: the sampled token is not part of the output
                 self._finish(seq, "length", None)
