@@ -83,12 +83,13 @@ class LaunchedStep:
     logits: torch.Tensor  # fp32 [rows, V]: one row per plain sampling sequence, every row of a verify group
     offsets: list[int]  # first logits row of each of `sampling`
     plain: list[int]  # indices in `sampling` of the rows sampled on the device in the launch half
-    plain_logits: torch.Tensor | None
     plain_tokens: torch.Tensor | None  # [len(plain)] int64, on the device
     starts: dict[int, tuple[int, int]]  # seq_id -> (first position, first hidden row) computed this step
     t_start: float
     prompt_scores: list[prompt_logprobs.PromptScores]
     host_tokens: torch.Tensor | None  # plain_tokens on the host, once `ready` has fired
+    # (indices in `plain` of the rows that asked, then on the host: their token's logprob, top ids, top logprobs)
+    host_logprobs: tuple | None
     ready: torch.cuda.Event | None
 
 
@@ -390,8 +391,7 @@ class Engine:
         self.cache.commit_snapshots(scheduled, snapshots, [starts[s.seq.seq_id][0] for s in scheduled])
         prompt_scores = prompt_logprobs.score(self.model, scheduled, hidden, starts, self.device)
         plain = [i for i, s in enumerate(sampling) if not s.draft]
-        plain_logits = plain_tokens = None
-        host_tokens = ready = None
+        plain_tokens = host_tokens = host_logprobs = ready = None
         if plain:
             # NOTE: the forward is queued on the device by now, so grammar masks fill on the host while it runs.
             rows = [self.sampling_row(sampling[i].seq) for i in plain]
@@ -399,17 +399,17 @@ class Engine:
             # A decode batch samples every row: a slice, not an index list (whose copy to the device would wait).
             whole = picked == list(range(len(picked)))
             plain_logits = logits[: len(picked)] if whole else logits[to_device(picked, torch.int64, self.device)]
-            if any(sampling[i].seq.params.logprobs is not None for i in plain):
-                # The process half reads these for logprobs after the next step is launched: a replayed graph's
-                # outputs would be the next step's by then.
-                plain_logits = plain_logits.clone()
             plain_tokens = sample(plain_logits, build_sampling_batch(rows, logits.shape[-1], self.device)).token_ids
             for j, i in enumerate(plain):
                 seq = sampling[i].seq
                 seq.token_ids.append(PENDING)
                 seq.num_pending += 1
                 seq.pending_source = (plain_tokens, j)
-            host_tokens, ready = self._copy_to_host(plain_tokens)
+            # Logprobs are computed here, from this step's logits (a replayed graph's outputs are the next step's
+            # by the time the process half runs), and come back with the tokens.
+            logprob_rows, logprob_tensors = self._plain_logprobs(sampling, plain, plain_logits, plain_tokens)
+            host, ready = self._copy_to_host([plain_tokens, *logprob_tensors])
+            host_tokens, host_logprobs = host[0], (logprob_rows, *host[1:])
         return LaunchedStep(
             scheduled,
             sampling,
@@ -419,12 +419,12 @@ class Engine:
             logits,
             offsets,
             plain,
-            plain_logits,
             plain_tokens,
             starts,
             t_start,
             prompt_scores,
             host_tokens,
+            host_logprobs,
             ready,
         )
 
@@ -442,12 +442,28 @@ class Engine:
             row += s.num_tokens
         return (rows, torch.cat(values)) if rows else None
 
-    def _copy_to_host(self, tokens: torch.Tensor):
-        """Starts the copy of the sampled tokens to the host; returns (host tensor, event to wait for or None)."""
-        if tokens.device.type != "cuda":
-            return tokens, None
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+    def _plain_logprobs(self, sampling, plain, logits: torch.Tensor, tokens: torch.Tensor):
+        """For the plain rows that asked for logprobs: (their indices in `plain`, [sampled token's logprob [n],
+        top ids [n, k], top logprobs [n, k]]) with k the largest asked; ([], []) when none asked."""
+        rows = [j for j, i in enumerate(plain) if sampling[i].seq.params.logprobs is not None]
+        if not rows:
+            return [], []
+        k = max(sampling[plain[j]].seq.params.logprobs for j in rows)
+        if len(rows) < len(plain):
+            index = to_device(rows, torch.int64, self.device)
+            logits, tokens = logits[index], tokens[index]
+        lp = torch.log_softmax(logits, dim=-1)
+        top = torch.topk(lp, k, dim=-1)
+        return rows, [lp.gather(1, tokens[:, None])[:, 0], top.indices, top.values]
+
+    def _copy_to_host(self, tensors: list[torch.Tensor]):
+        """Starts the copies of step results to the host; returns (host tensors, event to wait for or None)."""
+        if tensors[0].device.type != "cuda":
+            return tensors, None
+        host = []
+        for t in tensors:
+            host.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=True))
+            host[-1].copy_(t, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
         return host, ready
@@ -456,27 +472,28 @@ class Engine:
         """Reads the step's results, commits them, and returns the outputs of the requests that progressed."""
         scheduled, sampling = step.scheduled, step.sampling
         self._finishing = []
-        appended = []  # (sequence, tokens, their logits rows)
+        appended = []  # (sequence, tokens, their logprobs or None)
         if step.plain:
             if step.ready is not None:
-                step.ready.synchronize()  # the copy only: a step launched after this one keeps running
+                step.ready.synchronize()  # the copies only: a step launched after this one keeps running
+            logprobs = self._read_logprobs(step)
             for j, tok in enumerate(step.host_tokens.tolist()):
                 seq = sampling[step.plain[j]].seq
                 if seq.finished:
                     continue  # aborted since the launch, or stopped at the step before (the extra token is dropped)
-                appended.append((seq, [tok], step.plain_logits[j : j + 1]))
+                appended.append((seq, [tok], logprobs.get(j)))
         if self.spec is not None:
             verify = [(i, s) for i, s in enumerate(sampling) if s.draft]
             groups = [step.logits[step.offsets[i] : step.offsets[i] + s.num_tokens] for i, s in verify]
             accepted = self.spec.accept([s for _, s in verify], groups, scheduled, step.scratch)
             for (_, s), group, tokens in zip(verify, groups, accepted):
-                appended.append((s.seq, tokens, group[: len(tokens)]))
+                appended.append((s.seq, tokens, _logprobs_of(group[: len(tokens)], tokens, s.seq.params.logprobs)))
         prompt_logprobs.record(step.prompt_scores)
-        for seq, tokens, rows_logits in appended:
+        for seq, tokens, logprobs in appended:
             if seq.request.max_tokens == 0:  # score the prompt only: the sampled token is not part of the output
                 self._finish(seq, "length", None)
                 continue
-            self._append_tokens(seq, tokens, rows_logits)
+            self._append_tokens(seq, tokens, logprobs)
         t_target = time.perf_counter() - step.t_start
         if self.spec is not None:
             ntok = sum(s.num_tokens for s in scheduled)
@@ -515,19 +532,26 @@ class Engine:
         output = seq.output_ids + list(extra_output)
         return SamplingRow(p, seq.token_ids[: seq.num_prompt], output, seq.generator, masked, mask)
 
-    def _append_tokens(self, seq: Sequence, tokens: list[int], rows_logits: torch.Tensor) -> None:
-        want = seq.params.logprobs
-        if want is not None:
-            lp = torch.log_softmax(rows_logits, dim=-1)
-            top = torch.topk(lp, want, dim=-1) if want else None
-            if seq.logprobs is None:
-                seq.logprobs = []
+    def _read_logprobs(self, step: LaunchedStep) -> dict[int, list[TokenLogprob]]:
+        """The plain rows' logprobs, read from the host copies: index in `plain` -> [TokenLogprob]."""
+        if not step.host_logprobs[0]:
+            return {}
+        rows, chosen, top_ids, top_lp = step.host_logprobs
+        out = {}
+        tokens = step.host_tokens.tolist()
+        for j, lp, ids, lps in zip(rows, chosen.tolist(), top_ids.tolist(), top_lp.tolist()):
+            k = step.sampling[step.plain[j]].seq.params.logprobs
+            out[j] = [TokenLogprob(tokens[j], lp, list(zip(ids[:k], lps[:k])))]
+        return out
+
+    def _append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None) -> None:
+        if logprobs is not None and seq.logprobs is None:
+            seq.logprobs = []
         for i, tok in enumerate(tokens):
             if seq.stopped:
                 break
-            if want is not None:
-                alts = list(zip(top.indices[i].tolist(), top.values[i].tolist())) if want else []
-                seq.logprobs.append(TokenLogprob(tok, float(lp[i, tok]), alts))
+            if logprobs is not None:
+                seq.logprobs.append(logprobs[i])
             self._append_token(seq, tok)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
@@ -634,6 +658,16 @@ def _choose_cpu_threads() -> None:
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
         logger.info("CPU: %d compute thread(s) of %d cores (set OMP_NUM_THREADS to choose)", threads, cores)
+
+
+def _logprobs_of(rows_logits: torch.Tensor, tokens: list[int], k: int | None) -> list[TokenLogprob] | None:
+    """Logprobs of tokens[i] under rows_logits[i], with the top k alternatives (verify groups, read on the host)."""
+    if k is None:
+        return None
+    lp = torch.log_softmax(rows_logits, dim=-1)
+    top = torch.topk(lp, k, dim=-1)
+    ids, lps = top.indices.tolist(), top.values.tolist()
+    return [TokenLogprob(t, float(lp[i, t]), list(zip(ids[i], lps[i]))) for i, t in enumerate(tokens)]
 
 
 def _default_model_dir() -> Path:
