@@ -64,7 +64,8 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         self.engine.validate_request(prompt_token_ids, params)
         if params.structured is not None:
-            await asyncio.wrap_future(self.engine.grammars.submit(params.structured))
+            # Shielded: requests with the same grammar share its compilation, which one leaving must not cancel.
+            await asyncio.shield(asyncio.wrap_future(self.engine.grammars.submit(params.structured)))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._consumers[request_id] = (loop, q)

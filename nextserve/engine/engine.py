@@ -522,7 +522,7 @@ class Engine:
         p = seq.params
         num_output = len(seq.token_ids) - seq.num_prompt + len(extra_output)
         masked = ()
-        if num_output < p.min_tokens:
+        if num_output < p.min_tokens and seq.grammar is None:  # under a grammar, the grammar says when it ends
             masked = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_ids))
         # Draft tokens (extra_output) are not committed: the grammar's mask is the one after them.
         mask = seq.grammar.filler(extra_output) if seq.grammar is not None else None
@@ -550,33 +550,30 @@ class Engine:
         for i, tok in enumerate(tokens):
             if seq.stopped:
                 break
-            if logprobs is not None:
+            if self._append_token(seq, tok) and logprobs is not None:
                 seq.logprobs.append(logprobs[i])
-            self._append_token(seq, tok)
 
-    def _append_token(self, seq: Sequence, token: int) -> None:
-        """Commits the next token: it takes the place of the oldest PENDING entry, or is appended."""
+    def _append_token(self, seq: Sequence, token: int) -> bool:
+        """Commits the next token: it takes the place of the oldest PENDING entry, or is appended. False when the
+        token is refused (outside the sequence's grammar): the sequence ends without it."""
         p = seq.params
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            # Only when no token was allowed: the tokenizer cannot spell what the grammar needs (a synthetic one),
+            # or the grammar can match nothing. The output cannot continue, and this token is not part of it.
+            logger.warning(
+                "request %s: token %d is outside its grammar (nothing was allowed); finishing",
+                seq.request.request_id,
+                token,
+            )
+            self._finish(seq, "stop", None)
+            return False
         if seq.num_pending:
             seq.token_ids[len(seq.token_ids) - seq.num_pending] = token
             seq.num_pending -= 1
         else:
             seq.token_ids.append(token)
         self.generation_tokens_total += 1
-        grammar_done = False
-        if seq.grammar is not None:
-            if not seq.grammar.accept(token):
-                # Only when no token was allowed: another constraint forbade the ones the grammar allowed
-                # (min_tokens masking EOS once the grammar is complete), or the tokenizer cannot spell what the
-                # grammar needs (a synthetic one). The output cannot continue.
-                logger.warning(
-                    "request %s: token %d is outside its grammar (nothing was allowed); finishing",
-                    seq.request.request_id,
-                    token,
-                )
-                grammar_done = True
-            else:
-                grammar_done = seq.grammar.terminated
+        grammar_done = seq.grammar is not None and seq.grammar.terminated
         if token in p.stop_token_ids:
             self._finish(seq, "stop", token)
         elif token in self.eos_ids and not p.ignore_eos:
@@ -593,6 +590,7 @@ class Engine:
             committed - seq.num_prompt >= seq.request.max_tokens or committed >= self.max_model_len
         ):
             self._finish(seq, "length", None)
+        return True
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         seq.status, seq.finish_reason, seq.stop_reason = SeqStatus.STOPPED, reason, stop_reason

@@ -163,6 +163,15 @@ class _Server:
         return req.sampling_params(max_tokens, logprobs, structured)
 
 
+def _echo_text(tok: Any, prompt: str | list[int]) -> str:
+    """The prompt as echoed: as sent, or its token ids decoded (ids the tokenizer does not have are a 400)."""
+    if isinstance(prompt, str):
+        return prompt
+    if any(not 0 <= t < len(tok) for t in prompt):
+        raise APIError(f"prompt token ids must be integers in [0, {len(tok)})", param="prompt")
+    return tok.decode(prompt)
+
+
 def _engine_error_param(message: str, prompt_param: str) -> str | None:
     """The request field an engine refusal is about: the stop ids or, for anything else it checks, the prompt."""
     if "stop_token_ids" in message:
@@ -292,16 +301,19 @@ async def _completions(srv: _Server, request: Request, req: CompletionRequest) -
     want_logprobs = req.logprobs is not None
     # echo: each choice's text starts with its prompt as sent (token-id prompts decoded), and its logprobs with
     # the prompt's tokens (the first unscored), as OpenAI's legacy API and vLLM return them.
-    echoes = [(p if isinstance(p, str) else tok.decode(p)) if req.echo else "" for p in req.prompts()]
+    echoes = [_echo_text(tok, p) if req.echo else "" for p in req.prompts()]
 
-    def logprobs_of(final: RequestOutput, o: Any, start: int, offset: int, echo: bool) -> dict[str, Any] | None:
+    def logprobs_of(final: RequestOutput, o: Any, start: int, offset: int, echo: bool) -> tuple[dict | None, int]:
+        """The choice's `logprobs` from token `start` on, offsets from `offset`; and where the next piece starts."""
         if not want_logprobs or (o.logprobs is None and not echo):
-            return None
+            return None, offset
         entries: list[Any] = (o.logprobs or [])[start:]  # None: no token yet (max_tokens 0)
         if echo:
             assert final.prompt_logprobs is not None, "echo + logprobs asked the engine for prompt_logprobs"
             entries = [final.prompt_token_ids[0], *final.prompt_logprobs[1:], *entries]
-        return srv.token_text.completion_logprobs(entries, offset, as_ids=req.return_tokens_as_token_ids)
+        lp = srv.token_text.completion_logprobs(entries, offset, as_ids=req.return_tokens_as_token_ids)
+        ids = [e if isinstance(e, int) else e.token_id for e in entries]
+        return lp, offset + sum(len(srv.token_text(t)[0]) for t in ids)
 
     def prompt_logprobs_of(final: RequestOutput) -> dict[str, Any]:
         # vLLM's extension, on every choice of a prompt whose scores were computed (prompt_logprobs or echo).
@@ -315,7 +327,7 @@ async def _completions(srv: _Server, request: Request, req: CompletionRequest) -
             {
                 "index": p * req.n + o.index,
                 "text": echoes[p] + o.text,
-                "logprobs": logprobs_of(final, o, 0, 0, req.echo),
+                "logprobs": logprobs_of(final, o, 0, 0, req.echo)[0],
                 "finish_reason": o.finish_reason,
                 "stop_reason": o.stop_reason,
                 **prompt_logprobs_of(final),
@@ -340,9 +352,7 @@ async def _completions(srv: _Server, request: Request, req: CompletionRequest) -
                     # With n > 1 another sample can start before the one that scores the prompt is prefilled:
                     # hold this choice back until the scores are complete (outputs are cumulative).
                     continue
-                lp = logprobs_of(out, o, tokens, offset, echo)
-                if lp is not None:
-                    offset += sum(len(t) for t in lp["tokens"])
+                lp, offset = logprobs_of(out, o, tokens, offset, echo)
                 sent[index] = (-1 if o.finished else len(o.text), len(o.token_ids), offset)
                 text = (echoes[p] if echo else "") + o.text[chars:]
                 choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": o.finish_reason}
