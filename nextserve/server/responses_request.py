@@ -124,6 +124,7 @@ def to_messages(items: list[Any]) -> list[dict[str, Any]]:
     message, function calls: one turn of the model) become one assistant message."""
     messages: list[dict[str, Any]] = []
     reasoning: str | None = None  # waits for the assistant message it belongs to
+    calls: set[str] = set()  # call_ids of the function calls so far: an output must answer one (as OpenAI checks)
 
     def assistant() -> dict[str, Any]:
         nonlocal reasoning
@@ -146,7 +147,11 @@ def to_messages(items: list[Any]) -> list[dict[str, Any]]:
                 "function": {"name": item.name, "arguments": item.arguments},
             }
             assistant().setdefault("tool_calls", []).append(call)
+            calls.add(item.call_id)
         elif isinstance(item, FunctionCallOutputItem):
+            if item.call_id not in calls:
+                raise APIError(f"no function call found for function_call_output with call_id {item.call_id!r}",
+                               param="input")  # fmt: skip
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output)})
         elif item.role == "assistant":
             msg = assistant()

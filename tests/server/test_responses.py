@@ -106,6 +106,8 @@ def test_instructions_limits_and_retrieve(client: openai.OpenAI, engine: FakeEng
         ({"input": []}, 400, "input"),
         ({"input": "hi", "max_output_tokens": 0}, 400, "max_output_tokens"),
         ({"input": "hi", "tool_choice": "required"}, 400, "tool_choice"),
+        # A tool output must answer a function call of the conversation (OpenAI refuses an orphan one too).
+        ({"input": [{"type": "function_call_output", "call_id": "nope", "output": "x"}]}, 400, "input"),
     ],
 )
 def test_bad_requests(server: LiveServer, body: dict, status: int, param: str | None) -> None:
