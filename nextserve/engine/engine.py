@@ -88,8 +88,9 @@ class LaunchedStep:
     t_start: float
     prompt_scores: list[prompt_logprobs.PromptScores]
     host_tokens: torch.Tensor | None  # plain_tokens on the host, once `ready` has fired
-    # (indices in `plain` of the rows that asked, then on the host: their token's logprob, top ids, top logprobs)
-    host_logprobs: tuple | None
+    # On the host, for every plain row when any asked: sampled token's logprob [n], then top ids and top logprobs
+    # [n, k] (k the largest asked; absent when it is 0); empty when none asked.
+    host_logprobs: list[torch.Tensor] | None
     ready: torch.cuda.Event | None
 
 
@@ -399,17 +400,19 @@ class Engine:
             # A decode batch samples every row: a slice, not an index list (whose copy to the device would wait).
             whole = picked == list(range(len(picked)))
             plain_logits = logits[: len(picked)] if whole else logits[to_device(picked, torch.int64, self.device)]
-            plain_tokens = sample(plain_logits, build_sampling_batch(rows, logits.shape[-1], self.device)).token_ids
+            sampled = sample(plain_logits, build_sampling_batch(rows, logits.shape[-1], self.device))
+            plain_tokens = sampled.token_ids
             for j, i in enumerate(plain):
                 seq = sampling[i].seq
                 seq.token_ids.append(PENDING)
                 seq.num_pending += 1
                 seq.pending_source = (plain_tokens, j)
-            # Logprobs are computed here, from this step's logits (a replayed graph's outputs are the next step's
-            # by the time the process half runs), and come back with the tokens.
-            logprob_rows, logprob_tensors = self._plain_logprobs(sampling, plain, plain_logits, plain_tokens)
-            host, ready = self._copy_to_host([plain_tokens, *logprob_tensors])
-            host_tokens, host_logprobs = host[0], (logprob_rows, *host[1:])
+            # The sampler computed the logprobs (every row, the largest k asked) from this step's own logits (a
+            # replayed graph's outputs are the next step's by the time the process half runs): they come back with
+            # the tokens.
+            extra = [t for t in (sampled.logprobs, sampled.top_ids, sampled.top_logprobs) if t is not None]
+            host, ready = self._copy_to_host([plain_tokens, *extra])
+            host_tokens, host_logprobs = host[0], host[1:]
         return LaunchedStep(
             scheduled,
             sampling,
@@ -441,20 +444,6 @@ class Engine:
                 values.append(src[j : j + 1])
             row += s.num_tokens
         return (rows, torch.cat(values)) if rows else None
-
-    def _plain_logprobs(self, sampling, plain, logits: torch.Tensor, tokens: torch.Tensor):
-        """For the plain rows that asked for logprobs: (their indices in `plain`, [sampled token's logprob [n],
-        top ids [n, k], top logprobs [n, k]]) with k the largest asked; ([], []) when none asked."""
-        rows = [j for j, i in enumerate(plain) if sampling[i].seq.params.logprobs is not None]
-        if not rows:
-            return [], []
-        k = max(sampling[plain[j]].seq.params.logprobs for j in rows)
-        if len(rows) < len(plain):
-            index = to_device(rows, torch.int64, self.device)
-            logits, tokens = logits[index], tokens[index]
-        lp = torch.log_softmax(logits, dim=-1)
-        top = torch.topk(lp, k, dim=-1)
-        return rows, [lp.gather(1, tokens[:, None])[:, 0], top.indices, top.values]
 
     def _copy_to_host(self, tensors: list[torch.Tensor]):
         """Starts the copies of step results to the host; returns (host tensors, event to wait for or None)."""
@@ -534,14 +523,16 @@ class Engine:
 
     def _read_logprobs(self, step: LaunchedStep) -> dict[int, list[TokenLogprob]]:
         """The plain rows' logprobs, read from the host copies: index in `plain` -> [TokenLogprob]."""
-        if not step.host_logprobs[0]:
+        if not step.host_logprobs:
             return {}
-        rows, chosen, top_ids, top_lp = step.host_logprobs
-        out = {}
+        chosen, *top = (t.tolist() for t in step.host_logprobs)  # no top tensors when every row asked for k = 0
+        top_ids, top_lp = top or ([[]] * len(chosen), [[]] * len(chosen))
         tokens = step.host_tokens.tolist()
-        for j, lp, ids, lps in zip(rows, chosen.tolist(), top_ids.tolist(), top_lp.tolist()):
-            k = step.sampling[step.plain[j]].seq.params.logprobs
-            out[j] = [TokenLogprob(tokens[j], lp, list(zip(ids[:k], lps[:k])))]
+        out = {}
+        for j, i in enumerate(step.plain):
+            k = step.sampling[i].seq.params.logprobs
+            if k is not None:
+                out[j] = [TokenLogprob(tokens[j], chosen[j], list(zip(top_ids[j][:k], top_lp[j][:k])))]
         return out
 
     def _append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None) -> None:
