@@ -129,15 +129,9 @@ class LeaderEngine(_RankEngine):
     def __init__(self, config: EngineConfig):
         if not config.dist_init_addr:
             config = dataclasses.replace(config, dist_init_addr=f"127.0.0.1:{_free_port()}")
-        self._followers: list[mp.process.BaseProcess] = []
         self._message = StepMessage()
         self._closing = False
-        ctx = mp.get_context("spawn")
-        for local_rank in range(1, config.tp_size // config.nnodes):
-            p = ctx.Process(target=follow, args=(config, local_rank, os.getpid()), name=f"nextserve-tp{local_rank}")
-            p.daemon = True
-            p.start()
-            self._followers.append(p)
+        self._followers = _start_followers(config)
         threading.Thread(target=self._watch, name="nextserve-tp-watchdog", daemon=True).start()
         try:
             super().__init__(config, local_rank=0)
@@ -187,11 +181,7 @@ class LeaderEngine(_RankEngine):
             self._stop_followers()
 
     def _stop_followers(self) -> None:
-        for p in self._followers:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        _join(self._followers)
 
     def _watch(self) -> None:
         """A follower that dies takes the leader down with an error naming its rank (the next collective would
@@ -244,20 +234,30 @@ def follow(config: EngineConfig, local_rank: int, leader_pid: int | None = None)
 
 def run_node(config: EngineConfig) -> None:
     """`--node-rank k > 0`: runs this node's ranks as followers (local rank 0 here, the others as processes)."""
-    ctx = mp.get_context("spawn")
-    procs = []
-    for local_rank in range(1, config.tp_size // config.nnodes):
-        p = ctx.Process(target=follow, args=(config, local_rank, os.getpid()), name=f"nextserve-tp-l{local_rank}")
-        p.daemon = True
-        p.start()
-        procs.append(p)
+    procs = _start_followers(config)
     try:
         follow(config, 0)
     finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+        _join(procs)
+
+
+def _start_followers(config: EngineConfig) -> list[mp.process.BaseProcess]:
+    """Local ranks 1.. of this node as processes (spawned: CUDA cannot be forked), each exiting with this one."""
+    ctx, procs = mp.get_context("spawn"), []
+    for local_rank in range(1, config.tp_size // config.nnodes):
+        p = ctx.Process(target=follow, args=(config, local_rank, os.getpid()), name=f"nextserve-tp{local_rank}")
+        p.daemon = True
+        p.start()
+        procs.append(p)
+    return procs
+
+
+def _join(procs: list[mp.process.BaseProcess]) -> None:
+    for p in procs:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def _exit_with_parent(pid: int) -> None:
