@@ -198,6 +198,11 @@ class SamplingParams:
         return all(getattr(self, name) is not None for name in _NEUTRAL)
 
     @property
+    def penalized(self) -> bool:
+        """Whether sampling reads the token history (presence, frequency or repetition penalty)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty not in (None, 1.0))
+
+    @property
     def greedy(self) -> bool:
         """Whether sampling reduces to argmax: temperature 0 (below 1e-5, as vLLM: dividing by a tinier one would
         overflow the logits) or top_k 1; an unset field counts as neutral."""

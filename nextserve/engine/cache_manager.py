@@ -126,7 +126,7 @@ class CacheManager:
             self.queried_tokens += len(seq.token_ids)
             seq.tree_node = match.node
             seq.branch_point = match.kv_length if match.kv_length > match.length else None
-        root_tail = self._root_tail(match) if match.node is not None else None
+        root_tail = self._root_tail(match)
         if root_tail is not None:
             self.tree.detach_root_tail(root_tail)
         new_pages = self._allocate_pages(self._pages_to_admit(match, num_tokens))

@@ -357,11 +357,7 @@ class Engine:
         """Whether the next step can be launched before `prev` is read: not when a sequence with a token still on
         the device samples with penalties (they read the whole history on the host) or under a grammar (its next
         mask needs the matcher advanced by that token)."""
-        for s in prev.sampling:
-            p = s.seq.params
-            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 or s.seq.grammar is not None:
-                return False
-        return True
+        return not any(s.seq.params.penalized or s.seq.grammar is not None for s in prev.sampling)
 
     def _launch(self) -> LaunchedStep | None:
         """Schedules and runs the step on the device; reads nothing back. A sequence whose last token is still on
@@ -509,13 +505,13 @@ class Engine:
 
     def sampling_row(self, seq: Sequence, extra_output: list[int] = ()) -> SamplingRow:
         p = seq.params
-        num_output = len(seq.token_ids) - seq.num_prompt + len(extra_output)
+        num_output = seq.num_output + len(extra_output)
         masked = ()
         if num_output < p.min_tokens and seq.grammar is None:  # under a grammar, the grammar says when it ends
             masked = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_ids))
         # Draft tokens (extra_output) are not committed: the grammar's mask is the one after them.
         mask = seq.grammar.filler(extra_output) if seq.grammar is not None else None
-        if not (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0):
+        if not p.penalized:
             # NOTE: the decode hot path: without penalties the sampler reads no history, so copy none.
             return SamplingRow(p, (), (), seq.generator, masked, mask)
         output = seq.output_ids + list(extra_output)
