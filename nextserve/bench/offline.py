@@ -3,12 +3,13 @@
 Both runs use the same engine, the same prompts (random token ids) and greedy decoding with EOS ignored, so they
 generate the same number of tokens; the ratio measures what continuous batching buys on this machine.
 
-Decode throughput as users get it from `LLM.generate`: the batch is generated once with one output token (prefill
-and first token) and once with --output-len; decode tok/s = prompts x (output_len - 1) / the difference, the figure
-to set beside `bench model`'s decode at batch = --num-prompts. `--no-loop` skips the one-at-a-time run (large
-models). `--compare-model` also times, in the same run and on the same model, what `bench model` times: one decode
-step of the batch at the mid-generation context (input_len + output_len / 2), without the engine around it, and
-prints the engine's share of it (on a GPU, leave memory for its pools: e.g. --mem-fraction-static 0.6).
+Decode throughput as users get it from `LLM.generate`: after a warm-up batch (every shape compiled), a batch is
+generated with one output token (prefill and first token) and another of the same size with --output-len (fresh random
+prompts each time, so the prefix cache helps neither); decode tok/s = prompts x (output_len - 1) / the difference, the
+figure to set beside `bench model`'s decode at batch = --num-prompts. `--no-loop` skips the one-at-a-time run (large
+models). `--compare-model` also times, in the same run and on the same model, what `bench model` times: one decode step
+of the batch at the mid-generation context (input_len + output_len / 2), without the engine around it, and prints the
+engine's share of it (on a GPU, leave memory for its pools: e.g. --mem-fraction-static 0.6).
 
 `--json-schema-fraction F` measures what guided decoding costs instead: the same batch is generated with no
 constraint and with a fraction F of its requests constrained by a JSON schema (records of a nested object, enough of
@@ -112,12 +113,19 @@ def measure(llm, args: argparse.Namespace, num_prompts: int) -> dict:
 
     g = torch.Generator().manual_seed(args.prompt_seed)
     vocab = len(llm.tokenizer)
-    prompts = [torch.randint(0, vocab, (args.input_len,), generator=g).tolist() for _ in range(num_prompts)]
+
+    def random_prompts() -> list[list[int]]:
+        return [torch.randint(0, vocab, (args.input_len,), generator=g).tolist() for _ in range(num_prompts)]
+
+    # Three sets of prompts, so that no run finds another's prompts in the prefix cache: the warm-up (every prefill
+    # and decode shape of this batch, so that kernel compilation and autotuning are not timed), the first-token run
+    # and the timed run.
+    warm, first, prompts = random_prompts(), random_prompts(), random_prompts()
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+    llm.generate(warm, dataclasses.replace(params, max_tokens=min(4, args.output_len)), use_tqdm=False)
 
     t0 = time.perf_counter()
-    llm.generate(prompts, dataclasses.replace(params, max_tokens=1), use_tqdm=False)
+    llm.generate(first, dataclasses.replace(params, max_tokens=1), use_tqdm=False)
     t_first = time.perf_counter() - t0
     t0 = time.perf_counter()
     batched = llm.generate(prompts, params, use_tqdm=False)
