@@ -23,6 +23,7 @@ import torch
 
 from nextserve.parallel import ParallelConfig, destroy_distributed, init_distributed
 from nextserve.parallel.allreduce import BACKENDS
+from nextserve.parallel.distributed import start_method
 
 DEFAULT_SIZES = [4096 << i for i in range(9)]  # 4 KB .. 1 MB
 
@@ -122,18 +123,16 @@ def _rank_main(local_rank: int, args: argparse.Namespace, device: str, port: int
 
 
 def bench(args: argparse.Namespace) -> list[dict]:
-    """Runs the ranks (forked from a fork server that imported this module once) and returns rank 0's rows."""
-    import multiprocessing
-
+    """Runs the ranks (see `start_method`) and returns rank 0's rows."""
     import torch.multiprocessing as mp
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     _check(args, device)
-    multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
+    method = start_method(device, __name__)
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "rows.json")
         port = args.port or _free_port()
-        mp.start_processes(_rank_main, (args, device, port, out), nprocs=args.tp_size, start_method="forkserver")
+        mp.start_processes(_rank_main, (args, device, port, out), nprocs=args.tp_size, start_method=method)
         rows = json.loads(Path(out).read_text())
     for row in rows:
         row |= {"tp_size": args.tp_size, "device": device, "dtype": args.dtype}

@@ -1,7 +1,7 @@
 """`nextserve bench model --tp-size N`: the same points on N tensor-parallel ranks, one process each.
 
 The parent checks what can be checked before any process starts (the flags, the geometry's split by
-`check_tp_size`, the devices and the backend), prints the header, starts N processes from a fork server
+`check_tp_size`, the devices and the backend), prints the header, starts N processes (`start_method`: spawned on CUDA)
 (rendezvous tcp://127.0.0.1:<free port>) and prints rank 0's table. Each rank joins the group (`init_distributed`:
 NCCL on CUDA, gloo on the CPU or with --dist-backend gloo), checks that its shard of the weights fits its share of
 its device, builds its shard (rank r's shard of the TP1 random weights of the same seed) and runs every point: the
@@ -29,7 +29,7 @@ from nextserve.engine.engine import resolve_device, resolve_dtype
 from nextserve.models.sharding import check_tp_size
 from nextserve.ops import backends
 from nextserve.parallel import Communicator, ParallelConfig, ParallelContext, destroy_distributed, init_distributed
-from nextserve.parallel.distributed import rank_device
+from nextserve.parallel.distributed import rank_device, start_method
 
 
 @dataclasses.dataclass
@@ -98,18 +98,13 @@ def run_tp(args: argparse.Namespace) -> int:
     where = f"{device}, tensor parallel {n} over {backend} (ranks on {', '.join(map(str, devices))})"
     print(bench_model.header(args, cfg, weights, dtype, where, weights_label="weights per rank"), flush=True)
 
-    import multiprocessing
-
     import torch.multiprocessing as mp
 
-    # Ranks fork from a fork server that imported torch and nextserve once, not a fresh interpreter each.
-    multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
+    method = start_method(devices[0], __name__)
     threads = max(1, torch.get_num_threads() // n)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rank0.json"
-        mp.start_processes(
-            _rank_main, (args, free_port(), str(out), threads), nprocs=n, start_method="forkserver", join=True
-        )
+        mp.start_processes(_rank_main, (args, free_port(), str(out), threads), nprocs=n, start_method=method, join=True)
         result = json.loads(out.read_text())
     if "error" in result:
         raise ValueError(result["error"])
