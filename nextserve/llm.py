@@ -57,7 +57,7 @@ class LLM:
         order: dict[str, int] = {}
         for prompt, p in zip(prompts, params):
             rid = f"offline-{next(self._ids)}"
-            self.engine.add_request(rid, prompt, p)
+            self.engine.add_request(rid, prompt, p, stream=False)
             order[rid] = len(order)
         results: list[RequestOutput | None] = [None] * len(prompts)
         bar = tqdm(total=len(prompts), desc="generate", disable=not use_tqdm or self.engine.config.disable_tqdm)

@@ -1,6 +1,7 @@
 """What the engine hands back for a request: cumulative per-sequence outputs, in vLLM's shapes.
 
-One `RequestOutput` is produced per engine step in which the request made progress. Each of its
+One `RequestOutput` is produced per engine step in which the request made progress (only the final one for a
+request added with `stream=False`, as `LLM.generate` adds them). Each of its
 `CompletionOutput`s (one per sample when `n` > 1) is cumulative: `text` and `token_ids` hold everything generated
 so far, so a streaming consumer computes deltas by remembering how much of each index it has sent.
 """

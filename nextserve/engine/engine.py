@@ -284,7 +284,11 @@ class Engine:
             self.grammars.start_token(params.structured)  # the grammar itself is compiled by the pool
         return params.max_tokens if params.max_tokens is not None else limit - n
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *, stream: bool = True
+    ) -> Request:
+        """Queues a request. `stream=False`: `step` returns its output only once it has finished, and its text is
+        decoded once at the end unless stop strings need it token by token."""
         self._check_open()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -295,7 +299,7 @@ class Engine:
             # Compiled on the grammar pool; AsyncEngine awaited it before queueing, so this waits only for LLM.
             self.grammars.get(params.structured)
         resolved = params.resolved(self.generation_defaults)
-        req = Request(request_id, ids, resolved, max_tokens)
+        req = Request(request_id, ids, resolved, max_tokens, stream)
         for i in range(params.n):
             gen = None
             if params.seed is not None:
@@ -308,6 +312,8 @@ class Engine:
                 include_stop_str_in_output=resolved.include_stop_str_in_output,
             )
             seq = Sequence(next(self._seq_ids), req, i, list(ids), len(ids), gen, detok)
+            if not stream and not resolved.stop:
+                seq.undecoded = []
             if i == 0 and params.prompt_logprobs is not None:
                 seq.prompt_logprobs = [None]
             if params.structured is not None:
@@ -326,6 +332,7 @@ class Engine:
             if not seq.finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
+                _finish_text(seq)
         if not self.requests and self._pending is not None:
             # Nothing left to run: read the launched step now (its results are all dropped) so the engine is idle.
             pending, self._pending = self._pending, None
@@ -493,7 +500,8 @@ class Engine:
         }
         outputs = []
         for rid, req in touched.items():
-            outputs.append(req.output())
+            if req.stream or req.finished:
+                outputs.append(req.output())
             if req.finished:
                 self.requests.pop(rid, None)
         self._idle_check()
@@ -565,6 +573,8 @@ class Engine:
             self._finish(seq, "stop", token)
         elif token in self.eos_ids and not p.ignore_eos:
             self._finish(seq, "stop", None)
+        elif seq.undecoded is not None:
+            seq.undecoded.append(token)
         else:
             delta, stop_hit = seq.detok.step([token], check_stop=len(seq.output_ids) > p.min_tokens)
             seq.text += delta
@@ -584,9 +594,7 @@ class Engine:
         if seq.num_pending:  # tokens sampled after the stop: dropped (never fed: see Scheduler._at_limit)
             del seq.token_ids[-seq.num_pending :]
             seq.num_pending = 0
-        if not seq.detok.finished:
-            # Text held back (a possible stop-string start, an incomplete character) is final now.
-            seq.text += seq.detok.step([], finished=True)[0]
+        _finish_text(seq)
         # Released at the end of the step: the MTP pass still reads this step's positions of its pages.
         self._finishing.append(seq)
 
@@ -659,3 +667,11 @@ def _default_model_dir() -> Path:
     from nextserve.assets import DEFAULT_MODEL_DIR
 
     return Path(DEFAULT_MODEL_DIR)
+
+
+def _finish_text(seq: Sequence) -> None:
+    """The text is final: what the detokenizer held back (a possible stop-string start, an incomplete character),
+    or all of it for a sequence decoded only at the end."""
+    if not seq.detok.finished:
+        seq.text += seq.detok.step(seq.undecoded or [], finished=True)[0]
+        seq.undecoded = None

@@ -52,6 +52,9 @@ class Sequence:
     pages: list[int] = field(default_factory=list)
     slot: int | None = None
     text: str = ""
+    # Tokens not given to `detok` yet: a request that neither streams nor has stop strings needs its text only at
+    # the end, and is decoded once then (None: decoded token by token).
+    undecoded: list[int] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None
@@ -120,6 +123,8 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int
+    # False: the caller wants the final output only (`LLM.generate`): no output is built while it runs.
+    stream: bool = True
     seqs: list[Sequence] = field(default_factory=list)
 
     @property

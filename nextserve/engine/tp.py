@@ -142,8 +142,10 @@ class LeaderEngine(_RankEngine):
             self.spec.policy.record = True
         logger.info("tensor parallelism: %d ranks over %d node(s)", config.tp_size, config.nnodes)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None):
-        req = super().add_request(request_id, prompt, params)
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *, stream: bool = True
+    ):
+        req = super().add_request(request_id, prompt, params, stream=stream)
         self._message.commands.append(("add", request_id, list(req.prompt_token_ids), params or SamplingParams()))
         return req
 
@@ -206,7 +208,8 @@ class FollowerEngine(_RankEngine):
             msg = self._broadcast(None)
             for cmd in msg.commands:
                 if cmd[0] == "add":
-                    Engine.add_request(self, cmd[1], cmd[2], cmd[3])
+                    # A follower emits nothing: its text is decoded token by token only where stop strings need it.
+                    Engine.add_request(self, cmd[1], cmd[2], cmd[3], stream=False)
                 elif cmd[0] == "abort":
                     Engine.abort(self, cmd[1])
                 else:
