@@ -23,6 +23,21 @@ def to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.T
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def take_rows(src: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """src[rows]: a slice when rows are 0..n-1 (no index list to copy to the device), else one gather."""
+    if rows == list(range(len(rows))):
+        return src[: len(rows)]
+    return src[to_device(rows, torch.int64, src.device)]
+
+
+def put_rows(dst: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
+    """dst[rows] = values: a slice copy when rows are 0..n-1, else one scatter."""
+    if rows == list(range(len(rows))):
+        dst[: len(rows)].copy_(values)
+    else:
+        dst[to_device(rows, torch.int64, dst.device)] = values
+
+
 @dataclass
 class ForwardBatch:
     positions: torch.Tensor  # [T] int64, absolute position of each token

@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from nextserve.forward_batch import ForwardBatch, to_device
+from nextserve.forward_batch import ForwardBatch, put_rows
 from nextserve.models.qwen3_next import Qwen3NextForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -149,8 +149,7 @@ class DecodeGraphs:
         self._copied = torch.cuda.Event()
         self._copied.record()
         if pending is not None:
-            rows, values = pending  # tokens the host has not read yet: from the device, after the copy
-            self.ints[0, to_device(rows, torch.int64, self.device)] = values
+            put_rows(self.ints[0], *pending)  # tokens the host has not read yet: from the device, after the copy
         self.graphs[Bb].replay()
         hidden, logits = self.outputs[Bb]
         return hidden[:B], logits[:B]

@@ -39,7 +39,7 @@ from nextserve.engine.scheduler import ScheduledSeq, Scheduler
 from nextserve.engine.spec_decode import SpecDecoder
 from nextserve.engine.state_pool import StateLayout, StatePool
 from nextserve.engine.structured import GrammarCache
-from nextserve.forward_batch import to_device
+from nextserve.forward_batch import take_rows
 from nextserve.loader.model_loader import (
     build_dummy_model,
     load_generation_defaults,
@@ -400,9 +400,8 @@ class Engine:
             # NOTE: the forward is queued on the device by now, so grammar masks fill on the host while it runs.
             rows = [self.sampling_row(sampling[i].seq) for i in plain]
             picked = [offsets[i] for i in plain]
-            # A decode batch samples every row: a slice, not an index list (whose copy to the device would wait).
-            whole = picked == list(range(len(picked)))
-            plain_logits = logits[: len(picked)] if whole else logits[to_device(picked, torch.int64, self.device)]
+            # A decode batch samples every row: a slice, not an index list.
+            plain_logits = take_rows(logits, picked)
             sampled = sample(plain_logits, build_sampling_batch(rows, logits.shape[-1], self.device))
             plain_tokens = sampled.token_ids
             for j, i in enumerate(plain):
@@ -436,17 +435,22 @@ class Engine:
 
     def _pending_inputs(self, scheduled) -> tuple[list[int], torch.Tensor] | None:
         """(rows of the step's flat input, their token values on the device) for the sequences fed a PENDING token;
-        None when there are none. Every such token comes from the one step launched before this one."""
-        rows, values, row = [], [], 0
+        None when there are none. Every such token comes from the one step launched before this one, so the values
+        are one slice of its sampled tokens (a steady decode batch) or one gather, never a launch per row."""
+        rows, picks, row, source = [], [], 0, None
         for s in scheduled:
             seq = s.seq
             if seq.num_pending:
                 assert s.num_tokens == 1 and not s.draft and seq.num_cached == len(seq.token_ids) - 1
                 src, j = seq.pending_source
+                assert source is None or src is source, "PENDING tokens of two launched steps"
+                source = src
                 rows.append(row)
-                values.append(src[j : j + 1])
+                picks.append(j)
             row += s.num_tokens
-        return (rows, torch.cat(values)) if rows else None
+        if not rows:
+            return None
+        return rows, take_rows(source, picks)
 
     def _copy_to_host(self, tensors: list[torch.Tensor]):
         """Starts the copies of step results to the host; returns (host tensors, event to wait for or None)."""

@@ -13,7 +13,7 @@ from nextserve.engine.cuda_graph import DecodeGraphs
 from nextserve.engine.kv_pool import KVPool
 from nextserve.engine.scheduler import ScheduledSeq
 from nextserve.engine.state_pool import StatePool
-from nextserve.forward_batch import ForwardBatch, to_device
+from nextserve.forward_batch import ForwardBatch, put_rows, to_device
 from nextserve.models.qwen3_next import Qwen3NextForCausalLM
 
 
@@ -68,8 +68,7 @@ class ModelRunner:
         )
         input_ids = to_device(ids, torch.int64, self.device)
         if pending is not None:
-            rows, values = pending
-            input_ids[to_device(rows, torch.int64, self.device)] = values
+            put_rows(input_ids, *pending)
         return input_ids, batch
 
     @torch.inference_mode()
