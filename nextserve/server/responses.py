@@ -20,6 +20,7 @@ memory for the server's lifetime, the least recently used dropped beyond its cap
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -304,17 +305,21 @@ def start(srv: Any, req: ResponsesRequest) -> tuple[ResponseJob, Any, str | None
     history = (
         srv.responses.get(req.previous_response_id, "previous_response_id").items if req.previous_response_id else []
     )
-    chat_req = to_chat_request(req, history)
-    parse_tools = bool(chat_req.tools) and chat_req.tool_choice != "none"
-    if parse_tools and srv.tool_cls is None:
-        raise APIError(
-            "tools need the server to be started with --tool-call-parser (or tool_choice='none')", param="tools"
-        )
-    prompt = render_prompt(srv.tokenizer, chat_req)
-    prompt_ids = srv.tokenizer.encode(prompt, add_special_tokens=False)
-    reasoning = srv.reasoning_cls.from_prompt(prompt, tool_calls=parse_tools) if srv.reasoning_cls else None
-    structured, field = output_constraint(chat_req, reasoning) or (None, None)
-    params = srv.prepare(chat_req, prompt_ids, "input", structured)
+    try:
+        chat_req = to_chat_request(req, history)
+        parse_tools = bool(chat_req.tools) and chat_req.tool_choice != "none"
+        if parse_tools and srv.tool_cls is None:
+            raise APIError(
+                "tools need the server to be started with --tool-call-parser (or tool_choice='none')", param="tools"
+            )
+        prompt = render_prompt(srv.tokenizer, chat_req)
+        prompt_ids = srv.tokenizer.encode(prompt, add_special_tokens=False)
+        reasoning = srv.reasoning_cls.from_prompt(prompt, tool_calls=parse_tools) if srv.reasoning_cls else None
+        structured, field = output_constraint(chat_req, reasoning) or (None, None)
+        params = srv.prepare(chat_req, prompt_ids, "input", structured)
+    except APIError as e:
+        e.param = responses_param(e.param)  # the chat checks name the chat fields: name what the client sent
+        raise
     job = ResponseJob(
         request=req,
         model=srv.model_name,
@@ -326,3 +331,19 @@ def start(srv: Any, req: ResponsesRequest) -> tuple[ResponseJob, Any, str | None
         tools=srv.tool_cls() if parse_tools else None,
     )
     return job, params, "text.format" if field == "response_format" else field
+
+
+def responses_param(param: str | None) -> str | None:
+    """The Responses field that a field of the chat request it became came from. Chat messages do not map one to
+    one onto input items (instructions and previous_response_id's items come first), so every message is `input`."""
+    if param is None:
+        return None
+    if param.startswith("messages"):
+        return "input"
+    if param.startswith("max_completion_tokens"):
+        return "max_output_tokens"
+    if param.startswith("response_format"):
+        return "text.format" + param.removeprefix("response_format").removeprefix(".json_schema")
+    if m := re.fullmatch(r"tools\[(\d+)\]\.function(.*)", param):  # chat tools nest what Responses tools hold flat
+        return f"tools[{m[1]}]{m[2]}"
+    return param

@@ -139,3 +139,21 @@ def test_real_engine_text_equals_chat(real: LiveServer) -> None:
         assert events[-1].type == "response.incomplete"
         text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
         assert text == r.output_text
+
+
+@pytest.mark.parametrize(
+    ("chat", "responses"),
+    [
+        ("messages[2].content[1].type", "input"),
+        ("max_completion_tokens", "max_output_tokens"),
+        ("response_format", "text.format"),
+        ("response_format.json_schema.schema", "text.format.schema"),
+        ("tools[1].function.parameters", "tools[1].parameters"),
+        ("tool_choice", "tool_choice"),
+        (None, None),
+    ],
+)
+def test_chat_error_fields_named_as_sent(chat: str | None, responses: str | None) -> None:
+    from nextserve.server.responses import responses_param
+
+    assert responses_param(chat) == responses
