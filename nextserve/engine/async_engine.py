@@ -65,11 +65,13 @@ class AsyncEngine:
         self.engine.validate_request(prompt_token_ids, params)
         if params.structured is not None:
             # Shielded: requests with the same grammar share its compilation, which one leaving must not cancel.
-            await asyncio.shield(asyncio.wrap_future(self.engine.grammars.submit(params.structured)))
+            grammar = await asyncio.shield(asyncio.wrap_future(self.engine.grammars.submit(params.structured)))
+        else:
+            grammar = None
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._consumers[request_id] = (loop, q)
-        self._commands.put(("add", request_id, prompt_token_ids, params))
+        self._commands.put(("add", request_id, prompt_token_ids, params, grammar))
         finished = False
         try:
             while True:
@@ -131,9 +133,9 @@ class AsyncEngine:
     def _apply(self, cmd: tuple) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, rid, ids, params = cmd
+            _, rid, ids, params, grammar = cmd
             try:
-                self.engine.add_request(rid, ids, params)
+                self.engine.add_request(rid, ids, params, grammar=grammar)
             except ValueError as e:
                 self._deliver(rid, e)
         elif kind == "abort":

@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -53,6 +54,9 @@ from nextserve.models.weights import WeightsError
 from nextserve.ops import backends
 from nextserve.outputs import RequestOutput, TokenLogprob
 from nextserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import xgrammar
 
 logger = logging.getLogger(__name__)
 
@@ -285,19 +289,26 @@ class Engine:
         return params.max_tokens if params.max_tokens is not None else limit - n
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *, stream: bool = True
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        stream: bool = True,
+        grammar: xgrammar.CompiledGrammar | None = None,
     ) -> Request:
         """Queues a request. `stream=False`: `step` returns its output only once it has finished, and its text is
-        decoded once at the end unless stop strings need it token by token."""
+        decoded once at the end unless stop strings need it token by token. `grammar`: the compiled grammar of
+        `params.structured` when the caller has it (AsyncEngine awaited it), so that a grammar evicted from the cache
+        meanwhile is not compiled again on the engine loop."""
         self._check_open()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
         max_tokens = self.validate_request(ids, params)
-        if params.structured is not None:
-            # Compiled on the grammar pool; AsyncEngine awaited it before queueing, so this waits only for LLM.
-            self.grammars.get(params.structured)
+        if params.structured is not None and grammar is None:
+            grammar = self.grammars.get(params.structured)  # compiled on the grammar pool: only LLM waits here
         resolved = params.resolved(self.generation_defaults)
         req = Request(request_id, ids, resolved, max_tokens, stream)
         for i in range(params.n):
@@ -317,7 +328,7 @@ class Engine:
             if i == 0 and params.prompt_logprobs is not None:
                 seq.prompt_logprobs = [None]
             if params.structured is not None:
-                seq.grammar = self.grammars.new_state(params.structured)
+                seq.grammar = self.grammars.new_state(params.structured, grammar)
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req

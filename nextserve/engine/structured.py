@@ -99,11 +99,11 @@ class GrammarCache:
             )
         return ids[0]
 
-    def new_state(self, spec: StructuredOutput) -> GrammarState:
-        """A fresh matcher for one sequence (the grammar must be compiled: `get` first)."""
+    def new_state(self, spec: StructuredOutput, compiled: xgrammar.CompiledGrammar | None = None) -> GrammarState:
+        """A fresh matcher for one sequence, of `compiled` (`spec`'s compiled grammar) or else of `get(spec)`."""
         import xgrammar as xgr
 
-        return GrammarState(xgr.GrammarMatcher(self.get(spec)), self.start_token(spec))
+        return GrammarState(xgr.GrammarMatcher(compiled or self.get(spec)), self.start_token(spec))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -234,3 +234,24 @@ def test_nextn_sampled_outputs_validate(tiny_mtp_model_dir):
         assert o.outputs[0].finish_reason == "stop"
         validate(json.loads(o.outputs[0].text), SCHEMAS[2])
     llm.engine.check_integrity()
+
+
+def test_an_evicted_grammar_passed_compiled_is_not_compiled_again(llm, monkeypatch):
+    """AsyncEngine hands the engine the grammar it awaited: with more distinct grammars in flight than the cache
+    holds, the engine loop must not compile an evicted one again."""
+    from nextserve.engine import structured
+
+    monkeypatch.setattr(structured, "MAX_CACHED_GRAMMARS", 1)
+    grammars, compiled = llm.engine.grammars, []
+    real = grammars._compile
+    monkeypatch.setattr(grammars, "_compile", lambda spec: compiled.append(spec) or real(spec))
+    first, second = StructuredOutput(choice=["alpha", "beta"]), StructuredOutput(choice=["gamma", "delta"])
+    grammar = grammars.get(first)
+    grammars.get(second)  # evicts the first
+    params = SamplingParams(temperature=0, max_tokens=8, structured=first)
+    llm.engine.add_request("evicted", [1, 2, 3], params, stream=False, grammar=grammar)
+    outs = []
+    while llm.engine.has_unfinished():
+        outs += llm.engine.step()
+    assert outs[-1].outputs[0].text in ("alpha", "beta")
+    assert compiled == [first, second]
