@@ -142,16 +142,8 @@ class LeaderEngine(_RankEngine):
             self.spec.policy.record = True
         logger.info("tensor parallelism: %d ranks over %d node(s)", config.tp_size, config.nnodes)
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        *,
-        stream: bool = True,
-        grammar=None,
-    ):
-        req = super().add_request(request_id, prompt, params, stream=stream, grammar=grammar)
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, **kw):
+        req = super().add_request(request_id, prompt, params, **kw)  # the followers compile their own grammar
         self._message.commands.append(("add", request_id, list(req.prompt_token_ids), params or SamplingParams()))
         return req
 
