@@ -215,11 +215,15 @@ def _meta_parts(
         numel[part] += p.numel()
     num_moe = sum(isinstance(m, Qwen3NextExperts) for m in model.modules())
     per_layer = num_moe * cfg.num_experts
+
+    def per_expert(total: int) -> int:
+        return total // per_layer if per_layer else 0
+
     counts = ParamCounts(
         embed=numel["embed"],
         lm_head=numel["lm_head"],
         dense=numel["dense"],
-        expert=numel["routed"] // per_layer if per_layer else 0,
+        expert=per_expert(numel["routed"]),
         num_experts=cfg.num_experts,
         num_moe_layers=num_moe,
     )
@@ -227,11 +231,11 @@ def _meta_parts(
         embed=size["embed"],
         lm_head=size["lm_head"],
         dense=size["dense"],
-        expert=size["routed"] // per_layer if per_layer else 0,
+        expert=per_expert(size["routed"]),
         num_experts=cfg.num_experts,
         num_moe_layers=num_moe,
         dense_fp8=fp8["dense"],
-        expert_fp8=fp8["routed"] // per_layer if per_layer else 0,
+        expert_fp8=per_expert(fp8["routed"]),
     )
 
 

@@ -63,11 +63,10 @@ class AsyncEngine:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         self.engine.validate_request(prompt_token_ids, params)
+        grammar = None
         if params.structured is not None:
             # Shielded: requests with the same grammar share its compilation, which one leaving must not cancel.
             grammar = await asyncio.shield(asyncio.wrap_future(self.engine.grammars.submit(params.structured)))
-        else:
-            grammar = None
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._consumers[request_id] = (loop, q)

@@ -66,10 +66,12 @@ class Scheduler:
             n = min(seq.num_uncached, budget)
             draft = seq.draft[: budget - 1] if n == 1 and seq.num_uncached == 1 else []
             n += len(draft)
-            while not self.cache.can_grow(seq, seq.num_cached + n) and self.running[-1] is not seq:
+            fits = self.cache.can_grow(seq, seq.num_cached + n)
+            while not fits and self.running[-1] is not seq:
                 self._preempt(self.running[-1])
                 preempted = True
-            if not self.cache.can_grow(seq, seq.num_cached + n):
+                fits = self.cache.can_grow(seq, seq.num_cached + n)
+            if not fits:
                 # Even alone it cannot grow now: step back and retry later (the engine admits only requests
                 # that fit the whole pool, so with everyone else preempted this always succeeds).
                 self._preempt(seq)

@@ -330,7 +330,7 @@ def start(srv: Any, req: ResponsesRequest) -> tuple[ResponseJob, Any, str | None
         reasoning=reasoning,
         tools=srv.tool_cls() if parse_tools else None,
     )
-    return job, params, "text.format" if field == "response_format" else field
+    return job, params, responses_param(field)
 
 
 def responses_param(param: str | None) -> str | None:
